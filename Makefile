@@ -1,0 +1,42 @@
+# Two entry points: `make demo` (install, then the whole DAG on params.yaml with dvc) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3.11
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export MLFLOW_DISABLE_TELEMETRY = true
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export DVC_NO_ANALYTICS = 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
+
+.PHONY: install demo test test-fast ablation bench clean
+
+# Re-installs only when pyproject.toml changed (the stamp is named after its hash).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	aligntok repro
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+ablation: $(STAMP)
+	dvc exp run -n sp-on -S tokenizer.stage2.semantic_weight=1.0
+	dvc exp run -n sp-off -S tokenizer.stage2.semantic_weight=0.0
+	aligntok compare
+
+bench: $(STAMP)
+	aligntok bench prepare && aligntok bench tokenizer && aligntok bench dit && aligntok bench eval
+
+clean:
+	rm -rf outputs checkpoints data mlflow.db mlartifacts

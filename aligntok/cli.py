@@ -1,0 +1,127 @@
+"""`aligntok <stage> --params params.yaml -S key=value`: the entry point dvc.yaml and the Prefect flow call.
+
+The CLI only parses, validates params (exit code 2 with one line on any problem) and hands over to
+`aligntok.stages.<module>.run(params, args)`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from aligntok.config import ConfigError, load_params
+
+# Stage name -> module in aligntok.stages. Order is the DAG order (dvc.yaml follows it; a test checks).
+STAGES = {
+    "prepare": "prepare",
+    "tokenizer-stage1": "tokenizer",
+    "tokenizer-stage2": "tokenizer",
+    "tokenizer-stage3": "tokenizer",
+    "cache-latents": "latents",
+    "train-dit": "dit",
+    "evaluate": "evaluate",
+}
+# Stages that may run as several processes (torchrun) when launcher.nproc_per_node > 1.
+DISTRIBUTED = {"tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "train-dit", "sample"}
+HELP = {
+    "prepare": "build parquet shards + manifest from a synthetic, image-folder or parquet source",
+    "tokenizer-stage1": "stage 1: frozen encoder; train adapter + decoder",
+    "tokenizer-stage2": "stage 2: train all, with semantic preservation against the frozen stage-1 model",
+    "tokenizer-stage3": "stage 3: decoder-only refinement; exports the final tokenizer",
+    "cache-latents": "encode the train split with the final tokenizer into latent shards + latent_stats",
+    "train-dit": "train LightningDiT with flow matching on the cached latents",
+    "evaluate": "gFID/IS/precision/recall of samples and rFID/PSNR/SSIM/LPIPS of the tokenizer",
+    "sample": "sample a labelled PNG grid, or N images to an ADM-layout .npz",
+}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a param by its dotted key (repeatable), e.g. -S tokenizer.stage2.lr=1e-5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aligntok", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name in [*STAGES, "sample"]:
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        _common(p)
+        if name == "sample":
+            p.add_argument("--out", default="outputs/samples/grid.png", help="PNG grid path")
+            p.add_argument("--npz", type=int, default=0, metavar="N", help="write N samples to --npz-out instead")
+            p.add_argument("--npz-out", default="outputs/samples/samples.npz")
+            p.add_argument("--cfg-scale", type=float, default=None)
+        if name == "evaluate":
+            p.add_argument("--samples", help="score an ADM-format .npz of samples instead of sampling the DiT")
+            p.add_argument("--reference", help="an ADM reference batch .npz instead of the prepared train images")
+            p.add_argument("--out", help="metrics file (default outputs/metrics/evaluate.json)")
+    b = sub.add_parser("bench", help="benchmarks: throughput and FLOP/s on this machine")
+    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "eval"])
+    b.add_argument("--out", help="also write the figures as JSON here")
+    b.add_argument("--quick", action="store_true", help="fewer steps/sizes (CI smoke of the benchmark)")
+    c = sub.add_parser("compare", help="print MLflow pipeline runs side by side: differing params, key metrics")
+    _common(c)
+    c.add_argument("--experiment", default=None)
+    c.add_argument("--format", choices=["md", "csv"], default="md")
+    pr = sub.add_parser("profile", help="switch params.yaml to a profile in profiles/ (smoke, ci, imagenet256)")
+    pr.add_argument("name")
+    pr.add_argument("--params", default="params.yaml")
+    r = sub.add_parser("repro", help="`dvc repro` under one MLflow parent run (extra args go to dvc)")
+    _common(r)
+    r.add_argument("dvc_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _maybe_torchrun(command: str, params) -> None:
+    n = params.launcher.nproc_per_node
+    if command in DISTRIBUTED and n > 1 and "LOCAL_RANK" not in os.environ:
+        exe = shutil.which("torchrun") or "torchrun"
+        os.execvp(exe, [exe, "--standalone", f"--nproc_per_node={n}", "-m", "aligntok.cli", *sys.argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "profile":
+            return _switch_profile(args.name, Path(args.params))
+        if args.command == "bench":
+            from aligntok.stages.bench import run_bench
+            return run_bench(args.target, args.out, args.quick)
+        params = load_params(args.params, args.overrides)
+    except ConfigError as e:
+        print(f"aligntok: config error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "compare":
+        from aligntok.stages.compare import run as compare
+        return compare(params, args)
+    if args.command == "repro":
+        from aligntok.stages.repro import run as repro
+        return repro(params, args)
+    _maybe_torchrun(args.command, params)
+    module = importlib.import_module(f"aligntok.stages.{STAGES.get(args.command, args.command)}")
+    args.stage = args.command
+    try:
+        return module.run(params, args) or 0
+    except ConfigError as e:
+        print(f"aligntok: config error: {e}", file=sys.stderr)
+        return 2
+
+
+def _switch_profile(name: str, target: Path) -> int:
+    src = Path("profiles") / f"{name}.yaml"
+    if not src.exists():
+        avail = ", ".join(sorted(p.stem for p in Path("profiles").glob("*.yaml"))) or "none"
+        print(f"aligntok: config error: profile {name!r} not found in profiles/ (available: {avail})", file=sys.stderr)
+        return 2
+    load_params(src, check_paths=False)  # a broken profile must not replace a working params.yaml
+    shutil.copyfile(src, target)
+    print(f"{target} now holds profiles/{name}.yaml; run `dvc repro` (or `dvc exp run`)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

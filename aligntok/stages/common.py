@@ -1,0 +1,47 @@
+"""Paths and bookkeeping every stage shares (names agreed in shared/design.md)."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from aligntok.config import Params
+from aligntok.io import write_bytes_atomic, write_json_atomic
+
+OUTPUTS = Path("outputs")
+CHECKPOINTS = Path("checkpoints")
+
+
+def data_dir(params: Params) -> Path:
+    return Path("data") / params.data.name
+
+
+def tokenizer_dir(stage: int) -> Path:
+    return OUTPUTS / "tokenizer" / f"stage{stage}" / "model"
+
+
+LATENTS_DIR = OUTPUTS / "latents"
+DIT_DIR = OUTPUTS / "dit" / "model"
+REFERENCE_DIR = OUTPUTS / "reference"
+
+
+def metrics_path(stage: str) -> Path:
+    return OUTPUTS / "metrics" / f"{stage}.json"
+
+
+def write_metrics(stage: str, metrics: dict) -> Path:
+    path = metrics_path(stage)
+    write_json_atomic(path, metrics)
+    return path
+
+
+def write_plots(stage: str, history: list[dict]) -> Path:
+    """Loss curves as CSV for `dvc plots` (one row per logged step)."""
+    path = OUTPUTS / "plots" / f"{stage}.csv"
+    keys = sorted({k for row in history for k in row} - {"step"})
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", *keys], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_bytes_atomic(path, buf.getvalue().encode())
+    return path

@@ -1,0 +1,32 @@
+"""`aligntok prepare`: source images -> parquet shards + manifest.json under data/<name>/."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from aligntok.config import ConfigError, Params
+from aligntok.stages.common import data_dir, write_metrics
+from aligntok.tracking import stage_run
+
+
+def run(params: Params, args) -> int:
+    from aligntok.data.sources import DataError, prepare_dataset
+
+    d = params.data
+    out = data_dir(params)
+    with stage_run(params, "prepare") as tracker:
+        try:
+            manifest = prepare_dataset(d.source, out, root=Path(d.root) if d.root else None, resolution=d.resolution,
+                                       num_images=d.num_images, num_classes=d.num_classes,
+                                       val_fraction=d.val_fraction, shard_rows=d.shard_rows, seed=params.seed,
+                                       max_image_pixels=d.max_image_pixels)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+        counts = {f"{split}_images": sum(c.values()) if isinstance(c, dict) else c
+                  for split, c in manifest["counts"].items()}
+        metrics = {**counts, "skipped": len(manifest["skipped"]), "num_classes": manifest["num_classes"],
+                   "content_hash": manifest["content_hash"]}
+        write_metrics("prepare", metrics)
+        tracker.log_metrics(metrics)
+        tracker.log_artifact(out / "manifest.json")
+    print(f"prepared {counts} into {out} ({len(manifest['skipped'])} skipped)")
+    return 0

@@ -1,0 +1,29 @@
+"""`aligntok repro [dvc args]`: `dvc repro` under one MLflow parent run (its stages become child runs)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+from aligntok.config import Params
+
+
+def pipeline_env(params: Params, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a pipeline execution: a fresh pipeline id and its parent run (when MLflow is up)."""
+    from aligntok.tracking import create_parent_run
+
+    env = dict(os.environ, **(extra or {}))
+    env["ALIGNTOK_PIPELINE_ID"] = env.get("ALIGNTOK_PIPELINE_ID") or f"pipeline-{uuid.uuid4().hex[:12]}"
+    os.environ["ALIGNTOK_PIPELINE_ID"] = env["ALIGNTOK_PIPELINE_ID"]
+    try:
+        env["ALIGNTOK_PARENT_RUN_ID"] = create_parent_run(params, env["ALIGNTOK_PIPELINE_ID"])
+    except Exception as e:  # noqa: BLE001 - tracking outage: stages still run and write local metrics
+        print(f"aligntok: MLflow unavailable ({type(e).__name__}); continuing without a parent run")
+    return env
+
+
+def run(params: Params, args) -> int:
+    env = pipeline_env(params)
+    cmd = ["dvc", "repro", *[a for a in args.dvc_args if a != "--"]]
+    print("+", " ".join(cmd), f"(MLflow parent run {env.get('ALIGNTOK_PARENT_RUN_ID', 'none')})", flush=True)
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,230 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One parent run per pipeline execution, one child run per stage. DVC runs every stage in its own process, so
+the parent is found through a pipeline id: `ALIGNTOK_PARENT_RUN_ID` (set by `aligntok repro` and the Prefect
+flow) wins; else `ALIGNTOK_PIPELINE_ID`; else the id of the `dvc repro`/`dvc exp run` process this stage runs
+under (pid + start time, read from /proc). A tracking outage warns once and never fails the stage: metrics
+always also land in the stage's local metrics/plots files.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+from aligntok.config import Params, flatten
+
+PIPELINE_ROLE = "pipeline"
+
+
+def project_root() -> Path:
+    """The main work tree (so `dvc exp run` copies in temp dirs log into the same mlflow.db)."""
+    try:
+        common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
+                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return Path(common).parent
+    except (OSError, subprocess.SubprocessError):
+        return Path.cwd()
+
+
+def tracking_uri(params: Params) -> str:
+    return (os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+            or f"sqlite:///{project_root() / 'mlflow.db'}")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _dvc_process_id() -> str | None:
+    """pid+start time of the nearest `dvc repro`/`dvc exp` ancestor process (Linux /proc), else None."""
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        words = [Path(w.decode(errors="replace")).name for w in cmd if w]
+        if any(w == "dvc" or w.startswith("dvc") for w in words[:3]) and ("repro" in words or "exp" in words):
+            return f"dvc-{pid}-{stat[19]}"  # field 22 of /proc/pid/stat: start time
+        pid = int(stat[1])
+        if pid <= 1:
+            return None
+    return None
+
+
+def pipeline_id() -> str:
+    return os.environ.get("ALIGNTOK_PIPELINE_ID") or _dvc_process_id() or f"single-{uuid.uuid4().hex[:12]}"
+
+
+class Tracker:
+    """A stage's MLflow child run. Every call is safe: after the first failure it only warns once."""
+
+    def __init__(self, params: Params, stage: str):
+        self.params, self.stage = params, stage
+        self.run_id: str | None = None
+        self.enabled = os.environ.get("ALIGNTOK_TRACKING", "1") != "0"
+        self._mlflow = None
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        if self.enabled:
+            warnings.warn(f"MLflow tracking disabled for stage {self.stage}: {what} failed "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                          "metrics stay in the local metrics files", RuntimeWarning, stacklevel=3)
+        self.enabled = False
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        if not self.enabled:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - an outage must never fail the stage
+            self._fail(what, e)
+            return None
+
+    def start(self, resume_run_id: str | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        try:
+            import mlflow
+            uri = tracking_uri(self.params)
+            if uri.startswith("http"):
+                _check_http(uri)
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment(self.params.tracking.experiment)
+            self._mlflow = mlflow
+            if resume_run_id:
+                run = mlflow.start_run(run_id=resume_run_id)
+            else:
+                parent = self._parent_run_id()
+                run = mlflow.start_run(run_name=self.stage, parent_run_id=parent)
+                mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.params.model_dump(mode="json")).items()})
+            mlflow.set_tags(self._tags())
+            self.run_id = run.info.run_id
+        except Exception as e:  # noqa: BLE001
+            self._fail("start", e)
+        return self.run_id
+
+    def _tags(self) -> dict[str, str]:
+        import torch
+        return {"stage": self.stage, "profile": self.params.profile, "git_commit": git_commit(),
+                "pipeline_id": os.environ.get("ALIGNTOK_PIPELINE_ID", ""), "hostname": socket.gethostname(),
+                "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "torch_version": torch.__version__,
+                "world_size": os.environ.get("WORLD_SIZE", "1")}
+
+    def _parent_run_id(self) -> str:
+        mlflow = self._mlflow
+        parent = os.environ.get("ALIGNTOK_PARENT_RUN_ID")
+        if parent:
+            return parent
+        pid = pipeline_id()
+        os.environ["ALIGNTOK_PIPELINE_ID"] = pid
+        found = mlflow.search_runs(filter_string=f"tags.pipeline_id = '{pid}' and tags.role = '{PIPELINE_ROLE}'",
+                                   max_results=1, output_format="list")
+        if found:
+            return found[0].info.run_id
+        return create_parent_run(self.params, pid)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._mlflow is not None:
+            self._call("log_metrics", self._mlflow.log_metrics, clean, step=step)
+
+    def log_image(self, image, key: str, step: int) -> None:
+        if self._mlflow is not None:
+            self._call("log_image", self._mlflow.log_image, image, key=key, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self._mlflow is not None and Path(path).exists():
+            fn = self._mlflow.log_artifacts if Path(path).is_dir() else self._mlflow.log_artifact
+            self._call("log_artifact", fn, str(path), artifact_path)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        if self._mlflow is not None:
+            self._call("log_dict", self._mlflow.log_dict, data, name)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._mlflow is not None:
+            self._call("end_run", self._mlflow.end_run, status=status)
+
+
+def _check_http(uri: str) -> None:
+    import urllib.request
+    urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3).read()  # raises when unreachable
+
+
+def create_parent_run(params: Params, pid: str | None = None) -> str:
+    """Create the pipeline's parent run (ended at once; children attach by id) and return its id."""
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri(params))
+    mlflow.set_experiment(params.tracking.experiment)
+    pid = pid or os.environ.get("ALIGNTOK_PIPELINE_ID") or f"pipeline-{uuid.uuid4().hex[:12]}"
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(params.tracking.experiment)
+    name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{params.profile}"
+    run = client.create_run(exp.experiment_id, run_name=name,
+                            tags={"role": PIPELINE_ROLE, "pipeline_id": pid, "profile": params.profile,
+                                  "git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")})
+    for k, v in flatten(params.model_dump(mode="json")).items():
+        client.log_param(run.info.run_id, k, str(v)[:500])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def log_final_metrics_to_parent(params: Params, metrics: dict[str, float]) -> None:
+    """Copy the headline metrics onto the parent run so the MLflow table compares pipelines directly."""
+    parent = os.environ.get("ALIGNTOK_PARENT_RUN_ID")
+    try:
+        import mlflow
+        mlflow.set_tracking_uri(tracking_uri(params))
+        client = mlflow.MlflowClient()
+        if not parent:
+            exp = mlflow.get_experiment_by_name(params.tracking.experiment)
+            pid = os.environ.get("ALIGNTOK_PIPELINE_ID")
+            if exp is None or not pid:
+                return
+            runs = client.search_runs([exp.experiment_id],
+                                      f"tags.pipeline_id = '{pid}' and tags.role = '{PIPELINE_ROLE}'", max_results=1)
+            if not runs:
+                return
+            parent = runs[0].info.run_id
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                client.log_metric(parent, k, float(v))
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"MLflow: could not copy final metrics to the parent run ({e})", RuntimeWarning)
+
+
+@contextlib.contextmanager
+def stage_run(params: Params, stage: str, resume_run_id: str | None = None) -> Iterator[Tracker]:
+    tracker = Tracker(params, stage)
+    tracker.start(resume_run_id)
+    try:
+        yield tracker
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    else:
+        tracker.end("FINISHED")
+
+
+def search_runs(params: Params, experiment: str | None = None) -> list[Any]:
+    """All runs of an experiment as mlflow Run objects (for `aligntok compare`)."""
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri(params))
+    exp = mlflow.get_experiment_by_name(experiment or params.tracking.experiment)
+    if exp is None:
+        return []
+    return mlflow.MlflowClient().search_runs([exp.experiment_id], max_results=5000)

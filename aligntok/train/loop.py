@@ -1,0 +1,225 @@
+"""The one training loop every stage shares (tokenizer stages 1-3, LightningDiT).
+
+A stage supplies a `Recipe`: which modules it saves, which optimisers it steps, and its losses. The loop does
+the rest: deterministic step-indexed batches (so resume continues at the exact sample), warm-up + schedule,
+gradient accumulation and clipping, optional EMA, bf16 autocast on CUDA, DDP, progress bar, MLflow metrics and
+preview images, atomic checkpoints with automatic resume, and a clear stop on a NaN/Inf loss.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from aligntok.config import TrainConfig
+from aligntok.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from aligntok.train.dist import DistInfo, all_reduce_mean
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Recipe(Protocol):
+    def modules(self) -> dict[str, nn.Module]: ...          # everything a checkpoint must hold
+    def ema_modules(self) -> dict[str, nn.Module]: ...      # modules to keep an EMA of (may be empty)
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...  # stepped in this order
+    def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None: ...  # DDP-wrap what trains
+    # losses per optimiser name (each loss must only put gradients into its own optimiser's parameters)
+    def losses(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+    def preview(self, batch: Any, step: int) -> np.ndarray | None: ...  # HxWx3 uint8 grid, or None
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return f
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Yields this rank's index lists for steps `start..steps-1`; sample p of the run is perm_{p//N}[p%N].
+
+    A batch depends only on (seed, step), never on what ran before, so a resumed run sees the same data.
+    """
+
+    def __init__(self, n: int, batch: int, steps: int, start: int, seed: int, rank: int = 0, world: int = 1):
+        if n == 0:
+            raise ValueError("the training split is empty; prepare more images or lower data.val_fraction")
+        self.n, self.batch, self.steps, self.start, self.seed = n, batch, steps, start, seed
+        self.rank, self.world = rank, world
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        positions = range(step * self.batch + self.rank, (step + 1) * self.batch, self.world)
+        return [int(self._perm(p // self.n)[p % self.n]) for p in positions]
+
+    def __iter__(self):
+        for step in range(self.start, self.steps):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+class EMA:
+    def __init__(self, modules: dict[str, nn.Module], decay: float, warmup: bool):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.shadow = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module]) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for k, m in modules.items():
+            for s, p in zip(self.shadow[k].parameters(), _unwrap(m).parameters()):
+                s.lerp_(p.detach(), 1 - d)
+            for s, b in zip(self.shadow[k].buffers(), _unwrap(m).buffers()):
+                s.copy_(b)
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if hasattr(m, "module") else m
+
+
+def state_hash(*parts: Any) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *, dist: DistInfo,
+          ckpt_dir: Path, config_hash: str, seed: int, tracker=None, resume: Checkpoint | None = None,
+          collate: Callable | None = None, num_workers: int = 0, hflip: bool = False,
+          stop_after: int | None = None, desc: str = "train") -> dict[str, Any]:
+    """Run `cfg.steps` optimiser steps. Returns {'history', 'ema' (dict of EMA modules or {}), 'step'}."""
+    modules, optimizers = recipe.modules(), recipe.optimizers()
+    schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for k, o in optimizers.items()}
+    ema = EMA(recipe.ema_modules(), cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
+    start, history = 0, []
+    if resume is not None:
+        load_checkpoint(resume, modules=modules, ema=ema.shadow if ema else {}, optimizers=optimizers,
+                        schedulers=schedulers)
+        start, history = resume.step, [h for h in resume.history if h["step"] <= resume.step]
+        if ema:
+            ema.updates = start
+    if dist.world_size > 1:
+        ddp_kw = {"device_ids": [dist.device.index]} if dist.device.type == "cuda" else {}
+        recipe.wrap(lambda m: nn.parallel.DistributedDataParallel(m, **ddp_kw))
+    if cfg.batch_size % (dist.world_size * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum "
+                         f"({dist.world_size}*{cfg.grad_accum})")
+    sampler = StepBatches(len(dataset), cfg.batch_size, cfg.steps, start, seed, dist.rank, dist.world_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                         collate_fn=collate, persistent_workers=False)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dist.device.type == "cuda" else None
+    run_id = tracker.run_id if tracker else None
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
+    window: dict[str, list[float]] = {}
+    t0, seen = time.perf_counter(), 0
+    step = start
+    for step, batch in enumerate(loader, start=start):
+        batch = _to(batch, dist.device)
+        flip = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        logs_acc: dict[str, float] = {}
+        for micro in _split(batch, cfg.grad_accum):
+            if hflip:
+                micro = _flip_half(micro, flip)
+            with amp if amp else _null():
+                losses, logs = recipe.losses(micro, step)
+            total = sum(v for v in losses.values() if v is not None)
+            for name, v in losses.items():
+                if v is not None and not torch.isfinite(v.detach()).all():
+                    last = ckpt_dir / (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
+                    raise TrainingDiverged(f"{desc}: loss '{name}' is {v.item()} at step {step}; stopped. "
+                                           f"Last good checkpoint kept: {last or 'none yet'}")
+            (total / cfg.grad_accum).backward()
+            for k, v in logs.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v / cfg.grad_accum
+        for name, opt in optimizers.items():
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if cfg.grad_clip and params:
+                logs_acc[f"grad_norm_{name}"] = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            opt.step()
+            schedulers[name].step()
+        if ema:
+            ema.update(recipe.ema_modules())
+        seen += cfg.batch_size
+        for k, v in logs_acc.items():
+            window.setdefault(k, []).append(v)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            row = {k: float(all_reduce_mean(torch.tensor(np.mean(v), device=dist.device))) for k, v in window.items()}
+            row.update({"lr": schedulers[next(iter(schedulers))].get_last_lr()[0], "img_per_s": rate})
+            window = {}
+            if dist.is_main:
+                history.append({"step": done, **row})
+                if tracker:
+                    tracker.log_metrics(row, step=done)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "img_per_s")})
+        if dist.is_main and tracker and (done % cfg.image_every == 0 or done == cfg.steps):
+            with torch.no_grad():
+                grid = recipe.preview(batch, done)
+            if grid is not None:
+                tracker.log_image(grid, key=f"{desc}_preview", step=done)
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            if dist.is_main:
+                save_checkpoint(ckpt_dir, done, modules={k: _unwrap(m) for k, m in modules.items()},
+                                ema=ema.shadow if ema else {}, optimizers=optimizers, schedulers=schedulers,
+                                state_hash=config_hash, run_id=run_id, history=history)
+        bar.update(1)
+        if stop_after is not None and done >= stop_after:
+            bar.close()
+            raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
+    bar.close()
+    return {"history": history, "ema": ema.shadow if ema else {}, "step": max(step + 1, start)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch
+
+
+def _split(batch, parts: int):
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        return list(batch.chunk(parts))
+    pieces = [_split(b, parts) if isinstance(b, torch.Tensor) else [b] * parts for b in batch]
+    return [type(batch)(p[i] for p in pieces) for i in range(parts)]
+
+
+def _flip_half(batch, gen: torch.Generator):
+    """Horizontally flip half the images (batch[0]), drawn from a per-step generator so resume is exact."""
+    x = batch[0]
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    return (torch.where(mask[:, None, None, None], x.flip(-1), x), *batch[1:])
