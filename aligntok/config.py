@@ -244,6 +244,9 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         params = Params.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0])) from None
+    if params.profile == "imagenet256" and not params.lpips.pretrained_backbone:
+        raise ConfigError("lpips.pretrained_backbone: given False; expected true in the imagenet256 profile "
+                          "(a random LPIPS backbone is not a perceptual metric)")
     if check_paths:
         _check_paths(params, path.resolve().parent)
     return params

@@ -126,7 +126,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                          f"({dist.world_size}*{cfg.grad_accum})")
     sampler = StepBatches(len(dataset), cfg.batch_size, cfg.steps, start, seed, dist.rank, dist.world_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         collate_fn=collate, persistent_workers=False)
+                                         collate_fn=collate, persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(seed))  # keeps global RNG untouched
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dist.device.type == "cuda" else None
     run_id = tracker.run_id if tracker else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not dist.is_main, dynamic_ncols=True)

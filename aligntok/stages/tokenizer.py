@@ -1,0 +1,199 @@
+"""`aligntok tokenizer-stage{1,2,3}`: the three-stage alignment of a foundation encoder into a tokenizer.
+
+| stage | trains                         | frozen            | extra loss                                      |
+| 1     | adapter, decoder               | encoder           | -                                               |
+| 2     | encoder (own lr), adapter, dec | stage-1 copy      | semantic preservation: ||z - z_stage1||^2       |
+| 3     | decoder                        | encoder, adapter  | -                                               |
+The from-scratch VAE baseline (tokenizer.kind: vae) has nothing pretrained to freeze, so its stage 1 trains
+its encoder too; stages 2 and 3 follow the same recipe.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from aligntok.config import Params, TokenizerStageConfig
+from aligntok.stages.common import CHECKPOINTS, data_dir, tokenizer_dir, write_metrics, write_plots
+from aligntok.train.checkpoint import find_checkpoint
+from aligntok.train.dist import cleanup, init_distributed
+from aligntok.train.loop import state_hash, train
+from aligntok.tracking import stage_run
+
+
+def tokenizer_config(params: Params) -> dict:
+    t = params.tokenizer
+    return {"kind": t.kind, "encoder_arch": params.encoder.arch, "encoder_pretrained": params.encoder.pretrained,
+            "image_size": params.data.resolution, "latent_channels": t.latent_channels, "size": t.size,
+            "kl": t.kl, "adapter_hidden": t.adapter_hidden}
+
+
+def trainable_parts(kind: str, stage: int) -> set[str]:
+    """Which tokenizer parts train in each stage (the paper's table; see module docstring)."""
+    if stage == 1:
+        return {"encoder", "adapter", "decoder"} if kind == "vae" else {"adapter", "decoder"}
+    return {"encoder", "adapter", "decoder"} if stage == 2 else {"decoder"}
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+class TokenizerRecipe:
+    def __init__(self, model, discriminator, loss_fn, cfg: TokenizerStageConfig, stage: int, kind: str,
+                 target=None):
+        self.model, self.net, self.disc, self.loss_fn = model, model, discriminator, loss_fn
+        self.cfg, self.stage, self.target = cfg, stage, target
+        parts = trainable_parts(kind, stage)
+        for name in ("encoder", "adapter", "decoder"):
+            module = getattr(model, name)
+            module.requires_grad_(name in parts)
+            module.train(name in parts)
+        groups = []
+        for name in ("encoder", "adapter", "decoder"):
+            if name in parts:
+                lr = getattr(cfg, "encoder_lr", cfg.lr) if name == "encoder" and kind == "aligntok" else cfg.lr
+                groups.append({"params": list(getattr(model, name).parameters()), "lr": lr, "name": name})
+        betas = (cfg.beta1, cfg.beta2)
+        self._opts = {"generator": torch.optim.AdamW(groups, betas=betas, weight_decay=cfg.weight_decay)}
+        if discriminator is not None and cfg.disc_weight > 0:
+            self._opts["discriminator"] = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_lr,
+                                                            betas=(0.5, 0.9))
+
+    def modules(self):
+        mods = {"tokenizer": self.model}
+        if self.disc is not None:
+            mods["discriminator"] = self.disc
+        return mods
+
+    def ema_modules(self):
+        return {"tokenizer": self.model}
+
+    def optimizers(self):
+        return self._opts
+
+    def wrap(self, fn):
+        self.net = fn(self.model)
+        if "discriminator" in self._opts:
+            self.loss_fn.discriminator = fn(self.disc)
+
+    def losses(self, batch, step):
+        x = batch[0]
+        disc_params = list(self.disc.parameters()) if self.disc is not None else []
+        for p in disc_params:  # the generator loss must not put gradients into the discriminator
+            p.requires_grad_(False)
+        x_rec, mean, logvar = self.net(x)
+        g_loss, logs = self.loss_fn.generator_loss(x, x_rec, mean, logvar, self.model.decoder.last_layer, step)
+        weight = getattr(self.cfg, "semantic_weight", 0.0)
+        if self.target is not None and weight > 0:
+            from aligntok.losses import semantic_preservation_loss
+            with torch.no_grad():
+                z_ref = self.target.encode(x)
+            sp = semantic_preservation_loss(mean, z_ref, kind=self.cfg.semantic_distance)
+            g_loss = g_loss + weight * sp
+            logs["semantic_preservation"] = float(sp)
+        for p in disc_params:
+            p.requires_grad_(True)
+        losses = {"generator": g_loss}
+        if "discriminator" in self._opts:
+            d_loss, d_logs = self.loss_fn.discriminator_loss(x, x_rec.detach(), step)
+            losses["discriminator"] = d_loss
+            logs.update(d_logs)
+        logs["loss"] = float(g_loss)
+        return losses, logs
+
+    @torch.no_grad()
+    def preview(self, batch, step) -> np.ndarray:
+        x = batch[0][:8]
+        x_rec = self.model.decode(self.model.encode(x)).clamp(-1, 1)
+        grid = torch.cat([x, x_rec], dim=2)  # originals above reconstructions
+        grid = torch.cat(list(grid), dim=2)  # side by side
+        return ((grid.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def build_stage_model(params: Params, stage: int):
+    from aligntok.models.tokenizer import AlignTokenizer
+
+    if stage == 1:
+        return AlignTokenizer(tokenizer_config(params))
+    prev = tokenizer_dir(stage - 1)
+    return AlignTokenizer.from_pretrained(prev)
+
+
+def input_hash(params: Params, stage: int) -> str:
+    if stage == 1:
+        from aligntok.data.shards import read_manifest
+        return read_manifest(data_dir(params))["content_hash"]
+    return file_hash(tokenizer_dir(stage - 1) / "model.safetensors")
+
+
+def run(params: Params, args) -> int:
+    from aligntok.data.dataset import ShardDataset
+    from aligntok.eval.reconstruction import reconstruction_metrics
+    from aligntok.losses import ReconstructionLoss, build_lpips
+    from aligntok.models.discriminator import PatchDiscriminator
+    from aligntok.models.tokenizer import AlignTokenizer
+
+    stage = int(args.stage[-1])
+    name = f"tokenizer-stage{stage}"
+    cfg: TokenizerStageConfig = getattr(params.tokenizer, f"stage{stage}")
+    dist = init_distributed(params.launcher.device)
+    torch.manual_seed(params.seed + 1000 * stage + dist.rank)
+    model = build_stage_model(params, stage).to(dist.device)
+    target = None
+    if stage == 2:
+        target = AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device).eval().requires_grad_(False)
+    lpips_fn = build_lpips(params.lpips.net, params.lpips.pretrained_backbone).to(dist.device)
+    disc = PatchDiscriminator().to(dist.device) if cfg.disc_weight > 0 else None
+    t = params.tokenizer
+    loss_fn = ReconstructionLoss(lpips_fn, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
+                                 kl_weight=cfg.kl_weight if t.kl else 0.0, disc_weight=cfg.disc_weight,
+                                 disc_start=cfg.disc_start, discriminator=disc)
+    recipe = TokenizerRecipe(model, disc, loss_fn, cfg, stage, t.kind, target)
+    train_set = ShardDataset(data_dir(params), "train")
+    config_hash = state_hash(params.section_hash(f"tokenizer.stage{stage}", "encoder", "lpips", "data"),
+                             tokenizer_config(params), input_hash(params, stage), params.seed)
+    ckpt_dir = CHECKPOINTS / name
+    resume = find_checkpoint(ckpt_dir, config_hash)
+    with stage_run(params, name, resume.run_id if resume else None) as tracker:
+        result = train(recipe, train_set, cfg, dist=dist, ckpt_dir=ckpt_dir, config_hash=config_hash,
+                       seed=params.seed + stage, tracker=tracker, resume=resume, hflip=params.data.hflip,
+                       num_workers=params.data.num_workers, stop_after=_stop_after(), desc=name)
+        final = result["ema"].get("tokenizer", model) if result["ema"] else model
+        if dist.is_main:
+            out = tokenizer_dir(stage)
+            final.save_pretrained(out)
+            reference = target if stage == 2 else (
+                AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device) if stage == 3 else None)
+            metrics = reconstruction_metrics(
+                final, ShardDataset(data_dir(params), "val"), num_images=t.eval_images, device=dist.device,
+                lpips_fn=lpips_fn, extractor=_extractor(params), reference=reference)
+            metrics["lpips_backbone"] = "pretrained" if params.lpips.pretrained_backbone else "random"
+            metrics["fid_backbone"] = params.eval.fid_backbone
+            metrics["steps"] = result["step"]
+            write_metrics(name, metrics)
+            write_plots(name, result["history"])
+            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=result["step"])
+            tracker.log_artifact(out, "model")
+            print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    cleanup()
+    return 0
+
+
+def _extractor(params: Params):
+    from aligntok.eval.features import build_feature_extractor
+    return build_feature_extractor(params.eval.fid_backbone, params.eval.inception_weights, seed=params.seed)
+
+
+def _stop_after() -> int | None:
+    """Test hook: ALIGNTOK_STOP_AFTER=N interrupts training after step N (as a kill would, after a checkpoint)."""
+    import os
+    v = os.environ.get("ALIGNTOK_STOP_AFTER")
+    return int(v) if v else None

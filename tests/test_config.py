@@ -1,0 +1,105 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from aligntok.config import ConfigError, Params, flatten, load_params
+from tests.conftest import ROOT
+
+
+def write(tmp_path, tree):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_default_params_load_and_match_smoke_profile():
+    params = load_params(ROOT / "params.yaml")
+    assert params.profile == "smoke"
+    assert (ROOT / "params.yaml").read_text() == (ROOT / "profiles" / "smoke.yaml").read_text()
+
+
+@pytest.mark.parametrize("profile", ["smoke", "ci", "imagenet256"])
+def test_every_profile_validates(profile):
+    params = load_params(ROOT / "profiles" / f"{profile}.yaml", check_paths=False)
+    assert params.profile == profile
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("tokenizer.stage2.lr=-1", "tokenizer.stage2.lr: given -1; expected input should be greater than 0"),
+    ("tokenizer.stage2.bogus=1", "tokenizer.stage2.bogus: unknown key"),
+    ("data.resolution=abc", "data.resolution: given 'abc'; expected input should be a valid integer"),
+    ("data.val_fraction=1.5", "data.val_fraction: given 1.5; expected input should be less than or equal to 1"),
+    ("sample.method=ddim", "sample.method: given 'ddim'; expected input should be 'euler' or 'heun'"),
+    ("nokey", "-S 'nokey': expected dotted.key=value"),
+])
+def test_bad_override_names_key_value_and_expectation(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_params(ROOT / "params.yaml", [override])
+    assert str(err.value).startswith(expected)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_path_is_reported(tmp_path):
+    p = write(tmp_path, {"data": {"source": "imagefolder", "root": "no/such/dir"}})
+    with pytest.raises(ConfigError, match=r"^data.root: given 'no/such/dir'; expected an existing path"):
+        load_params(p)
+
+
+def test_source_without_root_is_reported(tmp_path):
+    p = write(tmp_path, {"data": {"source": "parquet"}})
+    with pytest.raises(ConfigError, match="data.root is required when data.source is 'parquet'"):
+        load_params(p)
+
+
+def test_overrides_are_typed_like_yaml():
+    params = load_params(ROOT / "params.yaml", ["tokenizer.stage2.semantic_weight=0", "sample.cfg_channels=3",
+                                                "dit.ema_decay=null"])
+    assert params.tokenizer.stage2.semantic_weight == 0.0
+    assert params.sample.cfg_channels == 3
+    assert params.dit.ema_decay is None
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(Params().model_dump(mode="json"))
+    assert flat["tokenizer.stage2.lr"] == Params().tokenizer.stage2.lr
+    assert "tokenizer.stage2" not in flat
+
+
+def test_section_hash_changes_only_with_its_section():
+    a = load_params(ROOT / "params.yaml")
+    b = load_params(ROOT / "params.yaml", ["tokenizer.stage3.lr=0.5"])
+    assert a.section_hash("tokenizer.stage1") == b.section_hash("tokenizer.stage1")
+    assert a.section_hash("tokenizer.stage3") != b.section_hash("tokenizer.stage3")
+
+
+def test_cli_config_error_exit_code_2_and_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "aligntok.cli", "prepare", "--params", str(ROOT / "params.yaml"),
+                           "-S", "data.num_images=-3"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["aligntok: config error: data.num_images: given -3; expected input should be greater than 0"]
+
+
+def test_cli_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "aligntok.cli", "--help"], capture_output=True, text=True).stdout
+    for stage in ["prepare", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents",
+                  "train-dit", "evaluate", "sample", "bench", "compare", "profile"]:
+        assert stage in out
+
+
+def test_profile_switch_copies_and_refuses_unknown(tmp_path):
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "ci.yaml").write_text((ROOT / "profiles" / "ci.yaml").read_text())
+    run = lambda *a: subprocess.run([sys.executable, "-m", "aligntok.cli", "profile", *a],
+                                    capture_output=True, text=True, cwd=tmp_path)
+    assert run("ci").returncode == 0
+    assert (tmp_path / "params.yaml").read_text() == (tmp_path / "profiles" / "ci.yaml").read_text()
+    bad = run("nope")
+    assert bad.returncode == 2 and "profile 'nope' not found in profiles/ (available: ci)" in bad.stderr
+
+
+def test_paper_profile_refuses_random_lpips_backbone():
+    with pytest.raises(ConfigError, match="lpips.pretrained_backbone: given False; expected true in the imagenet256"):
+        load_params(ROOT / "profiles" / "imagenet256.yaml", ["lpips.pretrained_backbone=false"], check_paths=False)
