@@ -1,0 +1,117 @@
+"""The trained generator as one object: LightningDiT + its latent_stats + the tokenizer that decodes.
+
+Saved as `config.json` + `model.safetensors` (EMA weights). The latent stats and the tokenizer hash travel in
+config.json, so sampling always de-normalises with the statistics the DiT was trained with.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from aligntok.config import SampleConfig
+from aligntok.data.latents import denormalize
+from aligntok.io import replace_dir, write_json_atomic
+
+
+def save_dit(model: torch.nn.Module, out_dir: Path, config: dict) -> None:
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    write_json_atomic(tmp / "config.json", config)
+    replace_dir(tmp, out_dir)
+
+
+def load_dit(model_dir: Path, device: torch.device | str = "cpu"):
+    from aligntok.models.dit import build_dit
+
+    model_dir = Path(model_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (model_dir / name).exists():
+            raise FileNotFoundError(f"{model_dir / name}: DiT export not found; run `aligntok train-dit` first")
+    config = json.loads((model_dir / "config.json").read_text())
+    model = build_dit(config["model"], input_size=config["input_size"], in_channels=config["in_channels"],
+                      num_classes=config["num_classes"], qk_norm=config.get("qk_norm", False))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+    return model.to(device).eval(), config
+
+
+def sample_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
+    """'balanced': index i gets class i % C (ADM's fixed N/C per class); 'random': seeded uniform labels."""
+    if mode == "balanced":
+        return torch.arange(n) % num_classes
+    return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def sample_noise(indices: list[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Noise for sample i depends only on (seed, i): the same images come out on 1 or N ranks."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in indices])
+
+
+@dataclass
+class Generator:
+    dit: torch.nn.Module
+    config: dict
+    tokenizer: torch.nn.Module
+    device: torch.device
+
+    @torch.no_grad()
+    def latents(self, labels: torch.Tensor, indices: list[int], sample: SampleConfig,
+                cfg_scale: float | None = None) -> torch.Tensor:
+        from aligntok.diffusion.sampler import sample as ode_sample
+
+        c = self.config
+        noise = sample_noise(indices, (c["in_channels"], c["input_size"], c["input_size"]), sample.seed).to(self.device)
+        channels = None if sample.cfg_channels == "all" else int(sample.cfg_channels)
+        z = ode_sample(self.dit, noise, labels.to(self.device), steps=sample.steps, method=sample.method,
+                       cfg_scale=sample.cfg_scale if cfg_scale is None else cfg_scale, cfg_channels=channels,
+                       cfg_interval_start=sample.cfg_interval_start, timestep_shift=sample.timestep_shift,
+                       null_class=c["num_classes"])
+        return denormalize(z.float(), c["latent_stats"])
+
+    @torch.no_grad()
+    def images(self, labels, indices, sample: SampleConfig, cfg_scale: float | None = None) -> torch.Tensor:
+        """Generated images in [-1, 1], Bx3xHxW."""
+        return self.tokenizer.decode(self.latents(labels, indices, sample, cfg_scale)).clamp(-1, 1)
+
+
+def load_generator(dit_dir: Path, tokenizer_dir: Path, device: torch.device) -> Generator:
+    from aligntok.models.tokenizer import AlignTokenizer
+    from aligntok.stages.latents import tokenizer_hash
+
+    dit, config = load_dit(dit_dir, device)
+    current = tokenizer_hash(tokenizer_dir)
+    if config["tokenizer_hash"] != current:
+        raise ValueError(f"{dit_dir}: DiT was trained on latents of tokenizer {config['tokenizer_hash']}, "
+                         f"but {tokenizer_dir} is {current}; re-run cache-latents and train-dit")
+    tokenizer = AlignTokenizer.from_pretrained(tokenizer_dir).to(device).eval()
+    return Generator(dit, config, tokenizer, device)
+
+
+def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    return ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
+def labelled_grid(images: np.ndarray, labels: list[int], class_names: list[str] | None, cols: int) -> "Image":
+    """A PNG-ready grid with each image's class name written above it."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    pad = 12
+    canvas = Image.new("RGB", (cols * w, rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        canvas.paste(Image.fromarray(images[i]), (c * w, r * (h + pad) + pad))
+        name = class_names[labels[i]] if class_names else str(labels[i])
+        draw.text((c * w + 1, r * (h + pad)), name[: max(1, w // 6)], fill="black")
+    return canvas

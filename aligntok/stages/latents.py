@@ -1,0 +1,129 @@
+"""`aligntok cache-latents`: encode the train split with the final tokenizer into latent shards.
+
+Shards are written first under checkpoints/cache-latents/<tokenizer hash>/ (DVC deletes a stage's outs before
+it runs, so a resume must live elsewhere); a rerun skips finished shards. Each rank encodes its own disjoint
+part; rank 0 then computes latent_stats over all shards and hard-links the finished cache into outputs/latents.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from aligntok.config import Params
+from aligntok.data.latents import MANIFEST, compute_stats
+from aligntok.io import replace_dir, write_json_atomic
+from aligntok.stages.common import CHECKPOINTS, LATENTS_DIR, data_dir, tokenizer_dir, write_metrics
+from aligntok.train.dist import barrier, cleanup, init_distributed
+from aligntok.tracking import stage_run
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    from aligntok.stages.tokenizer import file_hash
+    return file_hash(Path(model_dir) / "model.safetensors")
+
+
+def _shard_done(path: Path, tok_hash: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("tokenizer_hash") == tok_hash
+    except Exception:  # noqa: BLE001 - a torn/corrupt file is simply redone
+        return False
+
+
+@torch.no_grad()
+def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank: int, shard_rows: int,
+                 batch_size: int, hflip: bool, tok_hash: str, device: torch.device) -> tuple[list[dict], int]:
+    """Encode `indices` of `dataset` into shards `r{rank}-{k}.safetensors`; returns (shard records, encoded)."""
+    records, encoded = [], 0
+    for k, start in enumerate(range(0, len(indices), shard_rows)):
+        block = indices[start:start + shard_rows]
+        path = out_dir / f"latents-r{rank:03d}-{k:05d}.safetensors"
+        if not _shard_done(path, tok_hash):
+            zs, zfs, labels = [], [], []
+            for b in range(0, len(block), batch_size):
+                items = [dataset[i] for i in block[b:b + batch_size]]
+                x = torch.stack([it[0] for it in items]).to(device)
+                zs.append(tokenizer.encode(x).float().cpu())
+                if hflip:
+                    zfs.append(tokenizer.encode(x.flip(-1)).float().cpu())
+                labels += [it[1] for it in items]
+                encoded += len(items)
+            tensors = {"latents": torch.cat(zs), "labels": torch.tensor(labels, dtype=torch.int64),
+                       "indices": torch.tensor(block, dtype=torch.int64)}
+            if hflip:
+                tensors["latents_flip"] = torch.cat(zfs)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(tmp), metadata={"tokenizer_hash": tok_hash})
+            os.replace(tmp, path)
+        records.append({"file": path.name, "rows": len(block)})
+    return records, encoded
+
+
+def run(params: Params, args) -> int:
+    from aligntok.data.dataset import ShardDataset, partition
+    from aligntok.data.shards import read_manifest
+    from aligntok.models.tokenizer import AlignTokenizer
+
+    dist = init_distributed(params.launcher.device)
+    model_dir = tokenizer_dir(3)
+    tok_hash = tokenizer_hash(model_dir)
+    tokenizer = AlignTokenizer.from_pretrained(model_dir).to(dist.device).eval()
+    dataset = ShardDataset(data_dir(params), "train")
+    data_manifest = read_manifest(data_dir(params))
+    work = CHECKPOINTS / "cache-latents" / f"{tok_hash}-{data_manifest['content_hash'][:12]}"
+    work.mkdir(parents=True, exist_ok=True)
+    mine = list(partition(len(dataset), dist.rank, dist.world_size))
+    with stage_run(params, "cache-latents") as tracker:
+        t0 = time.perf_counter()
+        records, encoded = encode_split(tokenizer, dataset, mine, work, rank=dist.rank,
+                                        shard_rows=params.latents.shard_rows, batch_size=params.latents.batch_size,
+                                        hflip=params.latents.hflip, tok_hash=tok_hash, device=dist.device)
+        seconds = time.perf_counter() - t0
+        barrier()
+        if dist.is_main:
+            shards = sorted(p.name for p in work.glob("latents-r*.safetensors"))
+            expected = {f"latents-r{r:03d}-{k:05d}.safetensors" for r in range(dist.world_size)
+                        for k in range(-(-len(partition(len(dataset), r, dist.world_size)) // params.latents.shard_rows))}
+            shards = [s for s in shards if s in expected]
+            stats = compute_stats([work / s for s in shards])
+            with safe_open(str(work / shards[0]), framework="pt") as f:
+                shape = list(f.get_slice("latents").get_shape()[1:])
+            rows = {}
+            for s in shards:
+                with safe_open(str(work / s), framework="pt") as f:
+                    rows[s] = f.get_slice("labels").get_shape()[0]
+            manifest = {"tokenizer_hash": tok_hash, "tokenizer_dir": str(model_dir),
+                        "data_content_hash": data_manifest["content_hash"], "num_classes": dataset.num_classes,
+                        "latent_shape": shape, "hflip": params.latents.hflip, "count": len(dataset),
+                        "shards": [{"file": s, "rows": rows[s]} for s in shards], "latent_stats": stats}
+            tmp = LATENTS_DIR.with_name(".latents.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for s in shards:
+                _link_or_copy(work / s, tmp / s)
+            write_json_atomic(tmp / MANIFEST, manifest)
+            replace_dir(tmp, LATENTS_DIR)
+            metrics = {"images": len(dataset), "encoded_this_run": encoded, "shards": len(shards),
+                       "images_per_s": encoded / seconds if encoded else 0.0, "latent_std_mean": sum(stats["std"]) / len(stats["std"])}
+            write_metrics("cache-latents", metrics)
+            tracker.log_metrics({k: float(v) for k, v in metrics.items()})
+            tracker.log_dict(stats, "latent_stats.json")
+            print(f"cache-latents: {len(dataset)} images -> {LATENTS_DIR} ({encoded} encoded this run, "
+                  f"{metrics['images_per_s']:.1f} img/s)")
+    cleanup()
+    return 0
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

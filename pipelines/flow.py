@@ -1,0 +1,140 @@
+"""Prefect flow `aligntok-pipeline`: the dvc.yaml stages as Prefect tasks, in DAG order.
+
+Each flow run works in its own run directory, a detached git worktree under `runs/<flow run>/`, so a
+UI-triggered ablation never overwrites the workspace's results. The worktree shares the main DVC cache, so any
+stage whose inputs and params are unchanged is restored from DVC's run-cache instead of recomputed, and DVC (not
+Prefect) does all caching. Every stage runs as `dvc repro <stage>` in its own process group; its output streams
+into the Prefect log, and cancelling or timing out kills the whole group (torchrun children included).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+from pydantic import BaseModel, Field
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dag_stages(dvc_yaml: Path = ROOT / "dvc.yaml") -> list[str]:
+    """Stage names in dvc.yaml order (the file lists them in DAG order)."""
+    return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
+
+
+class PipelineParams(BaseModel):
+    """Shown as the run form in the Prefect UI."""
+
+    profile: str = Field("smoke", description="profiles/<name>.yaml to start from (smoke, ci, imagenet256)")
+    semantic_weight: float | None = Field(None, ge=0, description="tokenizer.stage2.semantic_weight (0 = off)")
+    encoder_arch: str | None = Field(None, description="encoder.arch, a timm model name")
+    tokenizer_kind: str | None = Field(None, description="aligntok or vae (from-scratch baseline)")
+    dit_model: str | None = Field(None, description="dit.model, e.g. tiny, LightningDiT-B/1")
+    dit_steps: int | None = Field(None, gt=0, description="dit.steps")
+    cfg_scale: float | None = Field(None, ge=1, description="eval.cfg_scale (the with-CFG row)")
+    overrides: list[str] = Field(default_factory=list, description="free dotted.key=value overrides")
+    stage_timeout_s: int = Field(6 * 3600, gt=0, description="wall-clock limit per stage")
+
+    def as_overrides(self) -> list[str]:
+        named = {"tokenizer.stage2.semantic_weight": self.semantic_weight, "encoder.arch": self.encoder_arch,
+                 "tokenizer.kind": self.tokenizer_kind, "dit.model": self.dit_model, "dit.steps": self.dit_steps,
+                 "eval.cfg_scale": self.cfg_scale}
+        return [f"{k}={v}" for k, v in named.items() if v is not None] + list(self.overrides)
+
+
+def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: int, log) -> None:
+    """Run `cmd` in a new process group, forward its lines to `log`, kill the group on timeout or cancel."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, start_new_session=True)
+    import threading
+    timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
+    timer.start()
+    try:
+        for line in proc.stdout:
+            log(line.rstrip())
+        code = proc.wait()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        timer.cancel()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {code}" + (" (killed: timeout)" if code < 0 else ""))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def prepare_run_dir(run_name: str, params: PipelineParams) -> Path:
+    """A detached worktree of HEAD with the chosen profile + overrides written into its params.yaml."""
+    from aligntok.config import load_params
+
+    run_dir = ROOT / "runs" / run_name
+    if not run_dir.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(run_dir), "HEAD"], cwd=ROOT,
+                       check=True, capture_output=True)
+    cache = ROOT / ".dvc" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([_dvc(), "cache", "dir", "--local", str(cache)], cwd=run_dir, check=True, capture_output=True)
+    profile = ROOT / "profiles" / f"{params.profile}.yaml"
+    if not profile.exists():
+        raise ValueError(f"profile {params.profile!r} not found in {ROOT / 'profiles'}")
+    tree = yaml.safe_load(profile.read_text())
+    for item in params.as_overrides():
+        key, raw = item.split("=", 1)
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw)
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    load_params(run_dir / "params.yaml", check_paths=False)  # fail before any stage runs
+    return run_dir
+
+
+def _dvc() -> str:
+    exe = Path(sys.executable).parent / "dvc"
+    return str(exe) if exe.exists() else "dvc"
+
+
+@task(retries=1, retry_delay_seconds=10)
+def run_stage(stage: str, run_dir: str, env: dict, timeout_s: int) -> str:
+    logger = get_run_logger()
+    run_streaming([_dvc(), "repro", stage], Path(run_dir), env, timeout_s, logger.info)
+    return stage
+
+
+@flow(name="aligntok-pipeline", log_prints=True)
+def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
+    from aligntok.config import load_params
+    from aligntok.stages.repro import pipeline_env
+
+    name = f"prefect-{flow_run.get_name() or flow_run.get_id() or 'local'}"
+    run_dir = prepare_run_dir(name, params)
+    resolved = load_params(run_dir / "params.yaml", check_paths=False)
+    env = pipeline_env(resolved, {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+                                  "DVC_EXP_NAME": name})
+    done = []
+    for stage in dag_stages(run_dir / "dvc.yaml"):
+        done.append(run_stage.with_options(name=stage)(stage, str(run_dir), env, params.stage_timeout_s))
+    metrics = run_dir / "outputs" / "metrics" / "evaluate.json"
+    return {"run_dir": str(run_dir), "stages": done,
+            "metrics": yaml.safe_load(metrics.read_text()) if metrics.exists() else {}}
+
+
+if __name__ == "__main__":
+    aligntok_pipeline()
