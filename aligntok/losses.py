@@ -1,0 +1,136 @@
+"""Tokenizer losses: L1 + LPIPS + KL + adaptive hinge GAN (LDM's LPIPSWithDiscriminator), semantic preservation."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aligntok.models.discriminator import hinge_d_loss, hinge_g_loss
+
+_TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth",
+                      "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+class LPIPSError(RuntimeError):
+    """The LPIPS backbone weights could not be obtained."""
+
+
+def build_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
+    """Frozen LPIPS (inputs in [-1, 1]). pretrained_backbone=False: random trunk, calibrated linear heads;
+    an image distance (fixed by the torch seed) for offline smoke runs, not a perceptual metric."""
+    import lpips
+
+    if net not in _TORCHVISION_FILES:
+        raise ValueError(f"unknown LPIPS net {net!r}; known: {sorted(_TORCHVISION_FILES)}")
+    try:
+        with warnings.catch_warnings():  # torchvision's deprecated `pretrained=` argument inside lpips
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+    except Exception as e:
+        raise LPIPSError(
+            f"cannot load the pretrained torchvision {net} backbone for LPIPS ({type(e).__name__}); set "
+            f"lpips.pretrained_backbone=false for an offline random backbone (not a perceptual metric) or put "
+            f"{_TORCHVISION_FILES[net]} into $TORCH_HOME/hub/checkpoints/{_TORCHVISION_FILES[net]}") from e
+    return FrozenLPIPS(model)
+
+
+class FrozenLPIPS(nn.Module):
+    """LPIPS kept in eval mode (its heads have dropout) and without trainable parameters."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.model(a, b)
+
+
+def semantic_preservation_loss(z: torch.Tensor, z_ref: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Stage 2: keep z0 close to the frozen stage-1 encoder+adapter latent, measured after the adapter.
+
+    'mse' is the paper's plain L2 (mean squared error over all elements); 'cosine' (ablation) is
+    1 - cos(z, z_ref) over channels, averaged over tokens.
+    """
+    z_ref = z_ref.detach()
+    if kind == "mse":
+        return F.mse_loss(z, z_ref)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(z, z_ref, dim=1, eps=1e-8)).mean()
+    raise ValueError(f"unknown semantic preservation distance {kind!r} (mse | cosine)")
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)), summed over latent elements, averaged over the batch (as LDM)."""
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+    return kl.flatten(1).sum(1).mean()
+
+
+class ReconstructionLoss(nn.Module):
+    """nll = l1_weight*|x - x_rec| + lpips_weight*LPIPS; + kl_weight*KL; + d_weight * (-mean D(x_rec)).
+
+    d_weight = disc_weight * ||dnll/dlast|| / (||dg/dlast|| + 1e-4), clamped to [0, 1e4] (LDM's adaptive
+    weight, balancing the GAN gradient against the reconstruction gradient at the decoder's last layer),
+    active only from step >= disc_start.
+    """
+
+    def __init__(self, lpips_module: nn.Module | None, l1_weight: float = 1.0, lpips_weight: float = 1.0,
+                 kl_weight: float = 1e-6, disc_weight: float = 0.5, disc_start: int = 5001,
+                 discriminator: nn.Module | None = None):
+        super().__init__()
+        self.lpips = lpips_module
+        self.l1_weight, self.lpips_weight, self.kl_weight = l1_weight, lpips_weight, kl_weight
+        self.disc_weight, self.disc_start = disc_weight, disc_start
+        # a plain attribute, not a submodule: the discriminator is owned (saved, optimised) by the caller
+        self.__dict__["discriminator"] = discriminator
+
+    def __setattr__(self, name, value):
+        if name == "discriminator":
+            self.__dict__["discriminator"] = value
+        else:
+            super().__setattr__(name, value)
+
+    def gan_active(self, step: int) -> bool:
+        return self.discriminator is not None and self.disc_weight > 0 and step >= self.disc_start
+
+    def adaptive_weight(self, nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and last_layer.requires_grad and nll.requires_grad):
+            return torch.zeros((), device=nll.device)  # evaluation: no gradients to balance (LDM uses 0)
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        d_weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+        return d_weight.clamp(0.0, 1e4).detach() * self.disc_weight
+
+    def generator_loss(self, x, x_rec, mean, logvar, last_layer, step: int):
+        l1 = (x - x_rec).abs().mean()
+        nll = self.l1_weight * l1
+        logs = {"l1": float(l1.detach())}
+        if self.lpips is not None and self.lpips_weight > 0:
+            p = self.lpips(x_rec, x).mean()
+            nll = nll + self.lpips_weight * p
+            logs["lpips"] = float(p.detach())
+        loss = nll
+        logs["nll"] = float(nll.detach())
+        if logvar is not None and self.kl_weight > 0:
+            kl = kl_loss(mean, logvar)
+            loss = loss + self.kl_weight * kl
+            logs["kl"] = float(kl.detach())
+        if self.gan_active(step):
+            g = hinge_g_loss(self.discriminator(x_rec))
+            d_weight = self.adaptive_weight(nll, g, last_layer)
+            loss = loss + d_weight * g
+            logs.update(g_loss=float(g.detach()), d_weight=float(d_weight.detach()))
+        return loss, logs
+
+    def discriminator_loss(self, x, x_rec, step: int):
+        if not self.gan_active(step):
+            return None, {}
+        logits_real = self.discriminator(x.detach())
+        logits_fake = self.discriminator(x_rec.detach())
+        d = hinge_d_loss(logits_real, logits_fake)
+        return d, {"d_loss": float(d.detach()), "logits_real": float(logits_real.detach().mean()),
+                   "logits_fake": float(logits_fake.detach().mean())}

