@@ -92,7 +92,7 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
 
     def no_reload(*a, **k):
         raise AssertionError("from_pretrained must not reload the encoder's pretrained weights")
-    monkeypatch.setattr(encoder_mod, "_efficientnet_lite0_state", no_reload)
+    monkeypatch.setattr(encoder_mod, "efficientnet_lite0_state", no_reload)
     loaded = AlignTokenizer.from_pretrained(tmp_path / "tok").eval()
     assert loaded.config == model.config
     x = images(2, 32)

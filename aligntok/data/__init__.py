@@ -1,0 +1,1 @@
+"""Data: sources -> parquet shards + manifest (`sources`), datasets over shards (`dataset`), latent cache."""
