@@ -21,7 +21,10 @@ SKIP = {".venv", ".git", "data", "outputs", "checkpoints", "mlflow.db", "mlartif
 
 
 def copy_repo(dest: Path) -> Path:
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if n in SKIP or n.endswith(".egg-info")])
+    top = str(ROOT)
+    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (d == top and n in SKIP)
+                                                         or n in ("__pycache__", ".pytest_cache")
+                                                         or n.endswith(".egg-info")])
     git = lambda *a: subprocess.run(["git", *a], cwd=dest, check=True, capture_output=True)
     git("init", "-q")
     git("add", "-A")

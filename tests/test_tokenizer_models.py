@@ -156,3 +156,17 @@ def test_batchnorm_stays_eval():
     before = bns[0].running_mean.clone()
     model(images(2, 32))
     assert torch.equal(bns[0].running_mean, before)
+
+
+def test_fresh_encoder_batchnorm_uses_running_stats():
+    """A new model is in training mode without train() being called: BN must still be frozen, so a
+    train-mode encode equals the eval-mode one (it once gave a semantic cosine of 0.41 instead of 0.99)."""
+    from aligntok.models.tokenizer import AlignTokenizer
+    cfg = {"kind": "aligntok", "encoder_arch": "tf_efficientnet_lite0", "encoder_pretrained": "efficientnet-lite0",
+           "image_size": 32, "latent_channels": 8, "size": "tiny", "kl": False, "adapter_hidden": 16}
+    model = AlignTokenizer(cfg)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a = model.encode(x)
+        b = model.eval().encode(x)
+    assert torch.allclose(a, b, atol=1e-5)

@@ -19,6 +19,8 @@ def reconstruction_metrics(model, dataset, *, num_images: int, device: torch.dev
 
     was_training = model.training
     model.eval()
+    if reference is not None:
+        reference.eval()
     n = min(num_images, len(dataset))
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "semantic_cosine": 0.0}
     real_feats, fake_feats = [], []

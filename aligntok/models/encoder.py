@@ -42,6 +42,7 @@ class FoundationEncoder(nn.Module):
         # derived from (arch, pretrained) in the config, so kept out of the state dict
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.train()  # a new module is in training mode without train() ever running: freeze BN now too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x + 1) / 2 - self.mean) / self.std

@@ -171,7 +171,7 @@ def run(params: Params, args) -> int:
             out = tokenizer_dir(stage)
             final.save_pretrained(out)
             reference = target if stage == 2 else (
-                AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device) if stage == 3 else None)
+                AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device).eval() if stage == 3 else None)
             metrics = reconstruction_metrics(
                 final, ShardDataset(data_dir(params), "val"), num_images=t.eval_images, device=dist.device,
                 lpips_fn=lpips_fn, extractor=_extractor(params), reference=reference)
