@@ -1,0 +1,1 @@
+"""Flow matching (training loss) and ODE sampling with classifier-free guidance."""

@@ -1,0 +1,202 @@
+"""LightningDiT: a DiT with SwiGLU, RMSNorm, 2D RoPE, optional QK-norm and adaLN-Zero (hustvl/LightningDiT).
+
+Time convention (LightningDiT's): t=0 is pure noise, t=1 is data; the model predicts the velocity x1 - x0.
+The absolute 2D sin-cos position embedding is kept beside RoPE, as the reference does, but as a buffer rather
+than a frozen parameter, so our trainable count equals the reference's (XL/1: 674,961,824).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def rope_angles(grid: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Axial 2D RoPE angles (grid*grid, head_dim/2): half the rotated pairs encode the row, half the column."""
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+    ang = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)
+    return ang.float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x (B, heads, N, D) by angles (N, <=D/2); extra channels pass through."""
+    n_rot = angles.shape[-1] * 2
+    xr, rest = x[..., :n_rot], x[..., n_rot:]
+    x1, x2 = xr[..., 0::2], xr[..., 1::2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool, norm: Callable[[int], nn.Module]):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = norm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope: torch.Tensor | None):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio, qk_norm, use_swiglu, use_rmsnorm):
+        super().__init__()
+        norm = RMSNorm if use_rmsnorm else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
+        self.norm1, self.norm2 = norm(dim), norm(dim)
+        self.attn = Attention(dim, heads, qk_norm, norm)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = SwiGLU(dim, int(2 / 3 * hidden)) if use_swiglu else GeluMLP(dim, hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    pos = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(pos, pos, indexing="ij")
+    return torch.cat([one_d(dim // 2, gx), one_d(dim // 2, gy)], dim=1).float()
+
+
+class LightningDiT(nn.Module):
+    def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int, hidden_size: int,
+                 depth: int, num_heads: int, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 qk_norm: bool = False, use_swiglu: bool = True, use_rmsnorm: bool = True, use_rope: bool = True,
+                 learn_sigma: bool = False):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"latent size {input_size} is not divisible by patch size {patch_size}")
+        self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
+        self.out_channels = in_channels * (2 if learn_sigma else 1)
+        self.class_dropout_prob = class_dropout_prob
+        self.grid = input_size // patch_size
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # index num_classes = null class (CFG)
+        self.register_buffer("pos_embed", sincos_2d(hidden_size, self.grid)[None], persistent=False)
+        rope = rope_angles(self.grid, hidden_size // num_heads // 2 * 2) if use_rope else None
+        self.register_buffer("rope", rope, persistent=False)
+        self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, qk_norm, use_swiglu, use_rmsnorm)
+                                     for _ in range(depth)])
+        norm = RMSNorm if use_rmsnorm else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
+        self.norm_final = norm(hidden_size)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(basic)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for layer in (self.t_embedder[0], self.t_embedder[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
+            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
+        for layer in (self.final_modulation[-1], self.final_linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.class_dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return y
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(timestep_embedding(t)) + self.y_embedder(self.drop_labels(y))
+        for blk in self.blocks:
+            tokens = blk(tokens, c, self.rope)
+        shift, scale = self.final_modulation(c).chunk(2, dim=1)
+        out = self.final_linear(modulate(self.norm_final(tokens), shift, scale))
+        p, g = self.patch_size, self.grid
+        out = out.view(b, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
+        out = out.reshape(b, self.out_channels, g * p, g * p)
+        return out[:, : self.in_channels]
+
+
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12)}
+DIT_MODELS: dict[str, Callable[..., LightningDiT]] = {
+    f"LightningDiT-{name}/{p}": partial(LightningDiT, depth=d, hidden_size=hs, num_heads=nh, patch_size=p)
+    for name, (d, hs, nh) in SIZES.items() for p in (1, 2)
+}
+DIT_MODELS["tiny"] = partial(LightningDiT, depth=4, hidden_size=128, num_heads=4, patch_size=1)
+
+
+def build_dit(name: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> LightningDiT:
+    if name not in DIT_MODELS:
+        raise ValueError(f"dit.model: given {name!r}; expected one of {sorted(DIT_MODELS)}")
+    return DIT_MODELS[name](input_size=input_size, in_channels=in_channels, num_classes=num_classes, **overrides)
