@@ -1,6 +1,6 @@
 # Two entry points: `make demo` (install, then the whole DAG on params.yaml with dvc) and `make test`.
 VENV   ?= .venv
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 

@@ -133,7 +133,9 @@ print("RESULT", json.dumps({{"flow": state.type.value, "tasks": asyncio.run(task
     res = json.loads(out.split("RESULT", 1)[1])
     assert res["flow"] == "COMPLETED"
     assert res["stages"] == STAGES == res["dag"]
-    states = {name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1].isdigit() else name: s for name, s in res["tasks"]}
+    # Prefect names task runs "<task name>-<short id>"
+    by_length = sorted(STAGES, key=len, reverse=True)
+    states = {next(st for st in by_length if name.startswith(st + "-")): s for name, s in res["tasks"]}
     assert set(states) == set(STAGES) and set(states.values()) == {"COMPLETED"}
     # the workspace's own results were not touched by the Prefect run
     assert not (repo / "runs").exists() or any((repo / "runs").iterdir())
