@@ -114,6 +114,7 @@ class LatentsConfig(Section):
 
 
 class DitConfig(TrainConfig):
+    ema_decay: Fraction | None = 0.9999  # LightningDiT/DiT default
     model: str = "tiny"
     epochs: PosFloat | None = None  # when set, overrides steps: ceil(epochs * N / batch)
     class_dropout: Fraction = 0.1

@@ -100,7 +100,7 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     return ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
-def labelled_grid(images: np.ndarray, labels: list[int], class_names: list[str] | None, cols: int) -> "Image":
+def labelled_grid(images: np.ndarray, labels: list[int], class_names: list[str] | None, cols: int):
     """A PNG-ready grid with each image's class name written above it."""
     from PIL import Image, ImageDraw
 

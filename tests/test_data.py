@@ -139,7 +139,7 @@ def test_shard_round_trip_and_bounded_rows(tmp_path):
 
 
 def test_split_is_stable_when_images_are_added(tmp_path):
-    small, big = prep(tmp_path / "s", n=40), prep(tmp_path / "b", n=80)
+    prep(tmp_path / "s", n=40), prep(tmp_path / "b", n=80)
     val_small = set(ShardDataset(tmp_path / "s", "val").keys)
     val_big = set(ShardDataset(tmp_path / "b", "val").keys)
     assert val_small and val_small <= val_big

@@ -1,5 +1,4 @@
 """Flow matching and the ODE sampler on problems with known answers."""
-import math
 
 import pytest
 import torch

@@ -123,3 +123,26 @@ def test_from_scratch_vae_trains_through_the_same_loop(tmp_path):
     assert trainable_parts("vae", 1) == {"encoder", "adapter", "decoder"}
     assert out["history"][-1]["loss"] < 0.9 * out["history"][0]["loss"]
     assert model.encode(Images(2)[0][0][None]).shape == (1, 8, RES // 16, RES // 16)
+
+
+def test_tokenizer_stage_resume_gives_the_same_weights(tmp_path):
+    """Stage 2 (everything trains, GAN on, EMA) interrupted after step 3 and resumed == uninterrupted."""
+    from aligntok.train.checkpoint import find_checkpoint
+
+    def run(name, stop_after=None):
+        torch.manual_seed(0)
+        model = AlignTokenizer(tok_config(pretrained="none"))
+        target = AlignTokenizer(tok_config(pretrained="none")).eval().requires_grad_(False)
+        torch.manual_seed(1)
+        recipe, cfg = recipe_for(2, model, target, steps=6, batch_size=4, ckpt_every=2, ema_decay=0.9)
+        return model, train(recipe, Images(16), cfg, dist=CPU, ckpt_dir=tmp_path / name, config_hash="h", seed=0,
+                            hflip=True, resume=find_checkpoint(tmp_path / name, "h"), stop_after=stop_after)
+
+    full, full_out = run("a")
+    with pytest.raises(KeyboardInterrupt):
+        run("b", stop_after=3)
+    resumed, res_out = run("b")
+    for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), n
+    for p, q in zip(full_out["ema"]["tokenizer"].parameters(), res_out["ema"]["tokenizer"].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from aligntok.config import Params, TokenizerStageConfig
 from aligntok.stages.common import CHECKPOINTS, data_dir, tokenizer_dir, write_metrics, write_plots
