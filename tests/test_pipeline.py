@@ -212,23 +212,27 @@ def test_dit_on_real_latents_learns_class_dependent_samples(repo, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_external_samples_and_reference(repo, env, tmp_path):
-    """`evaluate --samples/--reference` on ADM npz files: real val vs real train is far closer than noise."""
+    """`evaluate --samples/--reference` on ADM npz files, on smoke-profile data (1024 synthetic 64 px images):
+    FD of real val vs real train is far below FD of pure noise vs train (measured: 78 vs 891)."""
     import numpy as np
     import torch
     from aligntok.data.dataset import ShardDataset
+    from aligntok.data.sources import prepare_dataset
     from aligntok.eval.npz import save_npz_samples
     from aligntok.eval.recon import to_uint8
 
+    prepare_dataset("synthetic", tmp_path / "smoke", root=None, resolution=64, num_images=1024, num_classes=10,
+                    val_fraction=0.1, shard_rows=256, seed=0)
+
     def npz(split, path):
-        ds = ShardDataset(repo / "data" / "synthetic", split)
+        ds = ShardDataset(tmp_path / "smoke", split)
         x = to_uint8(torch.stack([ds[i][0] for i in range(len(ds))])).permute(0, 2, 3, 1).numpy()
         save_npz_samples(path, x)
         return x
 
     train = npz("train", tmp_path / "ref.npz")
     val = npz("val", tmp_path / "val.npz")
-    noise = np.random.default_rng(0).integers(0, 256, val.shape, dtype=np.uint8)
-    save_npz_samples(tmp_path / "noise.npz", noise)
+    save_npz_samples(tmp_path / "noise.npz", np.random.default_rng(0).integers(0, 256, val.shape, dtype=np.uint8))
     scores = {}
     for name in ("val", "noise"):
         out = tmp_path / f"{name}.json"
@@ -238,4 +242,4 @@ def test_evaluate_external_samples_and_reference(repo, env, tmp_path):
     assert scores["val"]["protocol"]["samples"].endswith("val.npz")
     assert scores["val"]["protocol"]["reference"] == f"ref.npz ({len(train)} images)"
     assert scores["val"]["protocol"]["fid_backbone"] == "efficientnet-lite0"
-    assert scores["noise"]["gfid"] > 3 * scores["val"]["gfid"], scores
+    assert scores["noise"]["gfid"] > 5 * scores["val"]["gfid"], scores
