@@ -29,9 +29,13 @@ def metrics_path(stage: str) -> Path:
     return OUTPUTS / "metrics" / f"{stage}.json"
 
 
-def write_metrics(stage: str, metrics: dict) -> Path:
-    path = metrics_path(stage)
+def write_metrics(stage: str, metrics: dict, tracker=None, step: int | None = None, path: Path | None = None) -> Path:
+    """The stage's DVC metrics file (always written, so a tracking outage loses nothing), and its numbers to MLflow."""
+    path = path or metrics_path(stage)
     write_json_atomic(path, metrics)
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                            step=step)
     return path
 
 

@@ -104,9 +104,8 @@ def run(params: Params, args) -> int:
                        "first_loss": hist[0]["loss"] if hist else float("nan"),
                        "steps": result["step"], "epochs": epochs, "latents": len(data),
                        "ema": bool(result["ema"])}
-            write_metrics("train-dit", metrics)
+            write_metrics("train-dit", metrics, tracker)
             write_plots("train-dit", hist)
-            tracker.log_metrics({k: float(v) for k, v in metrics.items()})
             tracker.log_artifact(DIT_DIR, "model")
             print(f"train-dit: {steps} steps ({epochs:.2f} epochs), loss {metrics['first_loss']:.4f} -> "
                   f"{metrics['final_loss']:.4f}")

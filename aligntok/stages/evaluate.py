@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from aligntok.config import Params
-from aligntok.stages.common import DIT_DIR, OUTPUTS, REFERENCE_DIR, data_dir, metrics_path, tokenizer_dir, write_metrics
+from aligntok.stages.common import DIT_DIR, OUTPUTS, REFERENCE_DIR, data_dir, tokenizer_dir, write_metrics
 from aligntok.train.dist import cleanup, init_distributed
 from aligntok.tracking import log_final_metrics_to_parent, stage_run
 
@@ -122,14 +122,8 @@ def run(params: Params, args) -> int:
             metrics.update(recon)
             metrics = {k: float(v) for k, v in metrics.items()}
             metrics["protocol"] = protocol
-            path = Path(args.out) if args.out else metrics_path("evaluate")
-            if args.out:
-                from aligntok.io import write_json_atomic
-                write_json_atomic(path, metrics)
-            else:
-                write_metrics("evaluate", metrics)
+            write_metrics("evaluate", metrics, tracker, path=Path(args.out) if args.out else None)
             scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-            tracker.log_metrics(scalars)
             tracker.log_dict(protocol, "protocol.json")
             log_final_metrics_to_parent(params, scalars)
             print("evaluate: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))

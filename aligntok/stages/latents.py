@@ -113,8 +113,7 @@ def run(params: Params, args) -> int:
             replace_dir(tmp, LATENTS_DIR)
             metrics = {"images": len(dataset), "encoded_this_run": encoded, "shards": len(shards),
                        "images_per_s": encoded / seconds if encoded else 0.0, "latent_std_mean": sum(stats["std"]) / len(stats["std"])}
-            write_metrics("cache-latents", metrics)
-            tracker.log_metrics({k: float(v) for k, v in metrics.items()})
+            write_metrics("cache-latents", metrics, tracker)
             tracker.log_dict(stats, "latent_stats.json")
             print(f"cache-latents: {len(dataset)} images -> {LATENTS_DIR} ({encoded} encoded this run, "
                   f"{metrics['images_per_s']:.1f} img/s)")

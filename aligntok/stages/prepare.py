@@ -25,8 +25,7 @@ def run(params: Params, args) -> int:
                   for split, c in manifest["counts"].items()}
         metrics = {**counts, "skipped": len(manifest["skipped"]), "num_classes": manifest["num_classes"],
                    "content_hash": manifest["content_hash"]}
-        write_metrics("prepare", metrics)
-        tracker.log_metrics(metrics)
+        write_metrics("prepare", metrics, tracker)
         tracker.log_artifact(out / "manifest.json")
     print(f"prepared {counts} into {out} ({len(manifest['skipped'])} skipped)")
     return 0

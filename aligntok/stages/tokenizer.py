@@ -177,9 +177,8 @@ def run(params: Params, args) -> int:
             metrics["lpips_backbone"] = "pretrained" if params.lpips.pretrained_backbone else "random"
             metrics["fid_backbone"] = params.eval.fid_backbone
             metrics["steps"] = result["step"]
-            write_metrics(name, metrics)
+            write_metrics(name, metrics, tracker, step=result["step"])
             write_plots(name, result["history"])
-            tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=result["step"])
             tracker.log_artifact(out, "model")
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     cleanup()
