@@ -128,7 +128,7 @@ class SampleConfig(Section):
     method: Literal["euler", "heun"] = "euler"
     cfg_scale: Annotated[float, Field(ge=1)] = 1.0
     cfg_channels: Literal["all"] | PosInt = "all"
-    # LightningDiT time convention: t=0 is noise, t=1 is data. Guidance applies only for t > cfg_interval_start.
+    # LightningDiT time convention: t=0 is noise, t=1 is data. Guidance applies for cfg_interval_start <= t < 1.
     cfg_interval_start: Fraction = 0.0
     timestep_shift: NonNegFloat = 0.0  # 0 = no shift (same convention as above)
     seed: int = 0

@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -51,7 +53,6 @@ def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: int, log) -> 
     """Run `cmd` in a new process group, forward its lines to `log`, kill the group on timeout or cancel."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
-    import threading
     timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
     timer.start()
     try:
@@ -112,10 +113,12 @@ def _dvc() -> str:
 
 
 @task(retries=1, retry_delay_seconds=10)
-def run_stage(stage: str, run_dir: str, env: dict, timeout_s: int) -> str:
+def run_stage(stage: str, run_dir: str, env: dict, timeout_s: int) -> float:
+    """`dvc repro <stage>` in the run directory; returns the subprocess's wall time in seconds."""
     logger = get_run_logger()
+    t0 = time.perf_counter()
     run_streaming([_dvc(), "repro", stage], Path(run_dir), env, timeout_s, logger.info)
-    return stage
+    return time.perf_counter() - t0
 
 
 @flow(name="aligntok-pipeline", log_prints=True)
@@ -128,11 +131,11 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     resolved = load_params(run_dir / "params.yaml", check_paths=False)
     env = pipeline_env(resolved, {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
                                   "DVC_EXP_NAME": name})
-    done = []
+    seconds = {}
     for stage in dag_stages(run_dir / "dvc.yaml"):
-        done.append(run_stage.with_options(name=stage)(stage, str(run_dir), env, params.stage_timeout_s))
+        seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, params.stage_timeout_s)
     metrics = run_dir / "outputs" / "metrics" / "evaluate.json"
-    return {"run_dir": str(run_dir), "stages": done,
+    return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds,
             "metrics": yaml.safe_load(metrics.read_text()) if metrics.exists() else {}}
 
 

@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from aligntok.diffusion.flow import FlowMatching, sample_timesteps, shift_timesteps
-from aligntok.diffusion.sampler import sample
+from aligntok.diffusion.sampler import sample, time_grid
 from aligntok.models.dit import build_dit
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops: one thread is faster, and immune to oversubscription when the 2 cores are shared."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 def test_timesteps_in_open_interval():
@@ -25,6 +34,50 @@ def test_shift_keeps_endpoints_is_monotone_and_moves_toward_noise():
     assert s[5].item() == pytest.approx(0.3 * 0.5 / (1 - 0.7 * 0.5))
 
 
+def test_sampler_grid_uses_the_shift():
+    assert time_grid(4) == pytest.approx([0, 0.25, 0.5, 0.75, 1])
+    g = time_grid(4, 0.5)
+    assert g == pytest.approx([0.5 * u / (1 - 0.5 * u) for u in (0, 0.25, 0.5, 0.75, 1)])
+
+
+class CountingModel:
+    """A label-dependent velocity that records the labels of every call."""
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, y):
+        self.calls.append((t[0].item(), y.clone()))
+        return torch.ones_like(x) * (y.float() - 1.5).view(-1, *([1] * (x.dim() - 1)))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_cfg_interval(method):
+    noise, y = torch.zeros(2, 4, 2, 2), torch.tensor([0, 1])
+    plain = sample(CountingModel(), noise, y, steps=6, method=method)
+    never = CountingModel()
+    out = sample(never, noise, y, steps=6, method=method, cfg_scale=5.0, cfg_interval_start=1.0, null_class=2)
+    assert torch.equal(out, plain)  # start = 1.0: guidance never applies
+    assert all(len(labels) == 2 for _, labels in never.calls)
+    half = CountingModel()
+    sample(half, noise, y, steps=6, method=method, cfg_scale=5.0, cfg_interval_start=0.5, null_class=2)
+    for t, labels in half.calls:  # guided (2B batch with null labels) exactly where 0.5 <= t < 1
+        assert (len(labels) == 4) == (0.5 <= t < 1), (t, labels)
+        if len(labels) == 4:
+            assert (labels[2:] == 2).all()
+    always = CountingModel()
+    sample(always, noise, y, steps=6, method="euler", cfg_scale=5.0, null_class=2)
+    assert all(len(labels) == 4 for _, labels in always.calls)  # start = 0: every Euler evaluation is guided
+
+
+def test_cfg_channels_limit_guidance_in_the_sampler():
+    noise, y = torch.zeros(2, 5, 2, 2), torch.tensor([0, 1])
+    cond = sample(CountingModel(), noise, y, steps=3)
+    g3 = sample(CountingModel(), noise, y, steps=3, cfg_scale=3.0, cfg_channels=3, null_class=2)
+    gall = sample(CountingModel(), noise, y, steps=3, cfg_scale=3.0, null_class=2)
+    assert torch.equal(g3[:, 3:], cond[:, 3:]) and not torch.equal(g3[:, :3], cond[:, :3])
+    assert torch.equal(g3[:, :3], gall[:, :3])
+
+
 def exact_velocity(mu, sigma):
     """Linear path from N(0, I) to N(mu, sigma^2 I): x_t ~ N(t mu, a_t^2), a_t^2 = (1-t)^2 + t^2 sigma^2;
     E[x1 - x0 | x_t] = mu + (t sigma^2 - (1 - t)) / a_t^2 * (x_t - t mu)."""
@@ -35,7 +88,7 @@ def exact_velocity(mu, sigma):
     return v
 
 
-def test_sampler_reproduces_target_gaussian_and_heun_beats_euler():
+def test_sampler_reproduces_target_gaussian_and_heun_beats_euler(one_thread):
     mu, sigma = 2.0, 0.5
     noise = torch.randn(20_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.zeros(len(noise), dtype=torch.long)
@@ -51,7 +104,7 @@ def test_sampler_reproduces_target_gaussian_and_heun_beats_euler():
     assert fine.mean().item() == pytest.approx(mu, abs=0.02) and fine.std().item() == pytest.approx(sigma, abs=0.02)
 
 
-def test_flow_matching_loss_falls_on_a_toy_problem():
+def test_flow_matching_loss_falls_on_a_toy_problem(one_thread):
     torch.manual_seed(0)
     model = build_dit("tiny", input_size=2, in_channels=4, num_classes=2, class_dropout_prob=0.0)
     centres = torch.tensor([[1.5, -1.0, 0.5, 2.0], [-2.0, 1.0, -0.5, 0.0]])

@@ -5,8 +5,9 @@ import torch
 from aligntok.diffusion.sampler import guided_velocity
 from aligntok.models.dit import DIT_MODELS, apply_rope, build_dit, rope_angles
 
-# Counted from hustvl/LightningDiT models/lightningdit.py (LightningDiT_XL_1 / _B_1, in_channels 32, input 16,
-# 1000 classes, SwiGLU + RMSNorm + RoPE, no QK-norm): trainable parameters (their fixed pos_embed excluded).
+# hustvl/LightningDiT models/lightningdit.py instantiated on `meta` (in_channels 32, input 16, 1000 classes,
+# SwiGLU + RMSNorm + RoPE, no QK-norm, class_dropout 0.1): trainable parameters. Its parameters() also holds the
+# frozen sin-cos pos_embed (XL/1: 675,256,736 in all, "675.26M" in its train log); ours keeps that as a buffer.
 REFERENCE_TRAINABLE = {"LightningDiT-XL/1": 674_961_824, "LightningDiT-B/1": 130_359_584}
 
 
@@ -55,6 +56,20 @@ def _trained_like_model():
     for p in model.parameters():  # leave adaLN-Zero so outputs depend on the label
         torch.nn.init.normal_(p, std=0.05)
     return model
+
+
+def test_forward_with_cfg_matches_guidance_rule():
+    model = _trained_like_model()
+    x, t, y = torch.randn(4, 8, 4, 4), torch.full((4,), 0.5), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        cond = model(x, t, y)
+        uncond = model(x, t, torch.full_like(y, model.num_classes))
+        assert torch.allclose(model.forward_with_cfg(x, t, y, 1.0), cond, atol=1e-6)
+        v3 = model.forward_with_cfg(x, t, y, 3.0, cfg_channels=3)
+        vall = model.forward_with_cfg(x, t, y, 3.0, cfg_channels=None)
+    assert torch.allclose(vall, uncond + 3.0 * (cond - uncond), atol=1e-5)
+    assert torch.allclose(v3[:, 3:], cond[:, 3:], atol=1e-6) and torch.allclose(v3[:, :3], vall[:, :3], atol=1e-6)
+    assert not torch.allclose(v3[:, :3], cond[:, :3])
 
 
 def test_cfg_scale_one_equals_conditional_and_channels_limit():

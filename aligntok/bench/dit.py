@@ -1,38 +1,94 @@
-"""LightningDiT train-step and sampling throughput on 16x16x32 latents, achieved FLOP/s vs a GEMM peak."""
+"""LightningDiT throughput on 16x16x32 latents: train step (forward + backward + AdamW) and sampling (one Euler
+step, and a 30-step sampler derived from it), with FLOPs from FlopCounterMode and achieved FLOP/s against a
+float32 GEMM peak measured in the same run, plus the SDPA kernel the attention actually dispatched to."""
 from __future__ import annotations
 
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from aligntok.diffusion.flow import FlowMatching
+from aligntok.diffusion.sampler import sample
 from aligntok.models.dit import build_dit
 
+LATENT = (32, 16, 16)
+NUM_CLASSES = 1000
+SAMPLER_STEPS = 30
 
-def attention_backend() -> str:
-    if torch.cuda.is_available():
+
+def gemm_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n float32 matmul on `device`: the yardstick for achieved FLOP/s."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+class _SdpaKernels(TorchDispatchMode):
+    """Records the aten attention kernels that F.scaled_dot_product_attention dispatches to."""
+    def __init__(self):
+        super().__init__()
+        self.kernels: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if "attention" in name:
+            self.kernels.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def attention_backend(device: torch.device) -> dict:
+    """The enabled SDPA backends, and the kernel one DiT-shaped float32 attention call used here."""
+    q = torch.randn(2, 16, 256, 72, device=device)
+    with _SdpaKernels() as rec, torch.no_grad():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    used = sorted(rec.kernels)
+    if device.type == "cuda":
         b = torch.backends.cuda
-        on = [n for n, f in (("flash", b.flash_sdp_enabled), ("mem_efficient", b.mem_efficient_sdp_enabled),
-                             ("math", b.math_sdp_enabled)) if f()]
-        return "cuda sdpa: " + ",".join(on)
-    return "cpu sdpa (torch's fused CPU flash-attention kernel for float32)"
+        enabled = [n for n, f in (("flash", b.flash_sdp_enabled), ("mem_efficient", b.mem_efficient_sdp_enabled),
+                                  ("cudnn", b.cudnn_sdp_enabled), ("math", b.math_sdp_enabled)) if f()]
+        return {"device": "cuda", "enabled": enabled, "kernel_used": used}
+    return {"device": "cpu", "enabled": ["cpu flash (fused) / math fallback"], "kernel_used": used,
+            "note": "CPU run: the CUDA flash / mem-efficient backends do not apply"}
 
 
-def _timed(fn, steps: int) -> float:
-    fn()  # warm-up
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, steps: int, device: torch.device) -> float:
+    """Mean seconds per call over `steps` calls (the caller has already warmed fn up)."""
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
+    _sync(device)
     return (time.perf_counter() - t0) / steps
 
 
-def measure(name: str, batch: int, steps: int) -> dict:
+def _flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure(name: str, batch: int, steps: int, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = build_dit(name, input_size=16, in_channels=32, num_classes=1000)
+    model = build_dit(name, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fm = FlowMatching()
-    x, y = torch.randn(batch, 32, 16, 16), torch.randint(0, 1000, (batch,))
+    x = torch.randn(batch, *LATENT, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 
     def train_step():
         loss, _ = fm.loss(model, x, y)
@@ -40,35 +96,37 @@ def measure(name: str, batch: int, steps: int) -> dict:
         loss.backward()
         opt.step()
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        train_step()
-    train_flops = counter.get_total_flops()
-    train_s = _timed(train_step, steps)
+    train_flops = _flops(train_step)  # doubles as the warm-up (AdamW state allocated here)
+    train_s = _time(train_step, steps, device)
+    del opt
     model.eval()
-    t = torch.rand(batch)
 
-    def forward():
-        with torch.no_grad():
-            model(x, t, y)
+    def euler_step():
+        sample(model, x, y, steps=1, method="euler")
 
-    fwd_s = _timed(forward, steps)
+    step_flops = _flops(euler_step)
+    step_s = _time(euler_step, steps, device)
     return {"model": name, "batch": batch, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "train_img_per_s": batch / train_s, "train_flop_per_step": train_flops,
-            "train_achieved_flop_s": train_flops / train_s,
-            "sample_img_per_s_per_step": batch / fwd_s,
-            "sample_img_per_s_30_euler_steps": batch / (30 * fwd_s),
-            "sample_img_per_s_250_euler_steps": batch / (250 * fwd_s)}
+            "train_s_per_step": train_s, "train_img_per_s": batch / train_s,
+            "train_flop_per_step": train_flops, "train_achieved_flop_s": train_flops / train_s,
+            "sample_s_per_euler_step": step_s, "sample_img_per_s_one_step": batch / step_s,
+            f"sample_img_per_s_{SAMPLER_STEPS}_euler_steps": batch / (SAMPLER_STEPS * step_s),
+            "sample_flop_per_step": step_flops, "sample_achieved_flop_s": step_flops / step_s}
 
 
-def run(quick: bool = False, batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1")) -> dict:
-    from aligntok.stages.bench import gemm_peak_flops
-
-    peak = gemm_peak_flops()
+def run(batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1"), steps: int = 3, quick: bool = False,
+        device: str | torch.device | None = None) -> dict:
+    """Timed steps per row: `steps` (XL-sized models: at most 2). quick: tiny at batch 2 only."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if quick:
         batch_sizes, models = (2,), ("tiny",)
-    rows = [measure(m, b, 2 if "XL" in m else 5) for m in models for b in batch_sizes]
-    for r in rows:
-        r["fraction_of_gemm_peak"] = r["train_achieved_flop_s"] / peak
-    return {"gemm_peak_flop_s": peak, "attention_backend": attention_backend(), "threads": torch.get_num_threads(),
-            "rows": rows}
+    peak = gemm_peak_flops(dev)
+    rows = []
+    for name in models:
+        for b in batch_sizes:
+            r = measure(name, b, min(steps, 2) if "XL" in name else steps, dev)
+            r["train_fraction_of_gemm_peak"] = r["train_achieved_flop_s"] / peak
+            r["sample_fraction_of_gemm_peak"] = r["sample_achieved_flop_s"] / peak
+            rows.append(r)
+    return {"device": str(dev), "threads": torch.get_num_threads(), "latent_shape": list(LATENT),
+            "gemm_peak_flop_s": peak, "attention_backend": attention_backend(dev), "rows": rows}

@@ -1,1 +1,1 @@
-"""Flow matching (training loss) and ODE sampling with classifier-free guidance."""
+"""Flow matching (training loss, LightningDiT's t=0-noise convention) and ODE sampling with classifier-free guidance."""

@@ -1,23 +1,32 @@
 """Flow matching on a linear path, LightningDiT's convention: x_t = t * x1 + (1 - t) * x0, with x0 ~ N(0, I) the
-noise (t = 0) and x1 the data (t = 1). The model predicts the velocity x1 - x0."""
+noise (t = 0) and x1 the data (t = 1). The model predicts the velocity dx_t/dt = x1 - x0."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+T_EPS = 1e-6  # keeps t strictly inside (0, 1): float32 sigmoid saturates to 1.0 and rand() can return 0.0
 
 
 def sample_timesteps(n: int, *, kind: str = "lognormal", mean: float = 0.0, std: float = 1.0,
                      generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """'lognormal' (logit-normal): sigmoid(N(mean, std)), as LightningDiT's use_lognorm; 'uniform': U(0, 1)."""
+    """'lognormal' (logit-normal, LightningDiT's use_lognorm): sigmoid(N(mean, std)); 'uniform': U(0, 1)."""
+    gen_device = generator.device if generator is not None else device
     if kind == "lognormal":
-        return torch.sigmoid(torch.randn(n, generator=generator) * std + mean).to(device)
-    if kind == "uniform":
-        return torch.rand(n, generator=generator).to(device)
-    raise ValueError(f"timestep sampling: given {kind!r}; expected 'lognormal' or 'uniform'")
+        t = torch.sigmoid(torch.randn(n, generator=generator, device=gen_device) * std + mean)
+    elif kind == "uniform":
+        t = torch.rand(n, generator=generator, device=gen_device)
+    else:
+        raise ValueError(f"timestep sampling: given {kind!r}; expected 'lognormal' or 'uniform'")
+    return t.clamp(T_EPS, 1 - T_EPS).to(device)
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """LightningDiT's sampler shift: t' = s*t / (1 + (s-1)*t). Endpoints stay fixed; s < 1 moves the grid toward
-    t=0 (noise), so more steps go to the noisy end. shift <= 0 means no shift (as in the reference)."""
+    """LightningDiT's sampler shift (transport/integrators.py `ode`), in its t=0-noise convention:
+        t' = s t / (1 + (s - 1) t),  applied only when s > 0 (s <= 0: no shift).
+    t'(0) = 0, t'(1) = 1, monotone increasing for s > 0. s < 1 pulls the grid toward t = 0 (noise), so more
+    steps are spent at the noisy end; s = 1 is the identity. In the t=1-noise convention of SD3/FLUX
+    (tau = 1 - t) the same map is tau' = (1/s) tau / (1 + (1/s - 1) tau), i.e. their shift is 1/s."""
     if shift <= 0:
         return t
     return shift * t / (1 + (shift - 1) * t)
@@ -28,19 +37,21 @@ class FlowMatching:
         self.timestep_sampling, self.use_cosine_loss, self.cosine_weight = timestep_sampling, use_cosine_loss, cosine_weight
 
     def loss(self, model, x1: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
-        """MSE on the velocity (mean over all elements) plus, as LightningDiT's use_cosine_loss, 1 - cos(v_pred,
-        v_target) over the channel dimension, averaged."""
-        t = sample_timesteps(x1.shape[0], kind=self.timestep_sampling, generator=generator, device=x1.device)
-        x0 = torch.randn(x1.shape, generator=generator).to(x1) if generator is not None else torch.randn_like(x1)
-        tb = t.view(-1, *([1] * (x1.dim() - 1))).to(x1.dtype)
+        """(loss, logs). loss = mean((v - (x1 - x0))^2) + cosine_weight * mean(1 - cos(v, x1 - x0)), the cosine
+        taken over the channel dim at each position, as LightningDiT's use_cosine_loss."""
+        n = x1.shape[0]
+        t = sample_timesteps(n, kind=self.timestep_sampling, generator=generator, device=x1.device)
+        gen_device = generator.device if generator is not None else x1.device
+        x0 = torch.randn(x1.shape, generator=generator, device=gen_device).to(x1)
+        tb = t.to(x1.dtype).view(-1, *([1] * (x1.dim() - 1)))
         xt = tb * x1 + (1 - tb) * x0
-        target = x1 - x0
-        pred = model(xt, t, y)
-        mse = (pred.float() - target.float()).pow(2).mean()
+        target = (x1 - x0).float()
+        pred = model(xt, t, y).float()
+        mse = (pred - target).pow(2).mean()
         logs = {"mse": float(mse.detach())}
         loss = mse
         if self.use_cosine_loss:
-            cos = 1 - torch.nn.functional.cosine_similarity(pred.float(), target.float(), dim=1).mean()
+            cos = (1 - F.cosine_similarity(pred, target, dim=1)).mean()
             loss = loss + self.cosine_weight * cos
             logs["cos_loss"] = float(cos.detach())
         return loss, logs

