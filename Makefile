@@ -31,8 +31,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 ablation: $(STAMP)
-	dvc exp run -n sp-on -S tokenizer.stage2.semantic_weight=1.0
-	dvc exp run -n sp-off -S tokenizer.stage2.semantic_weight=0.0
+	dvc exp run --temp -n sp-on -S tokenizer.stage2.semantic_weight=1.0
+	dvc exp run --temp -n sp-off -S tokenizer.stage2.semantic_weight=0.0
 	aligntok compare
 
 bench: $(STAMP)
