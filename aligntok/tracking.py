@@ -23,7 +23,13 @@ PIPELINE_ROLE = "pipeline"
 
 
 def project_root() -> Path:
-    """The main work tree (so `dvc exp run` copies in temp dirs log into the same mlflow.db)."""
+    """The main work tree, so runs in copies of it log into the same mlflow.db: `dvc exp run --temp` works in
+    <root>/.dvc/tmp/exps/<tmp>/ (a clone of its own), git worktrees (Prefect runs) share the main .git."""
+    cwd = Path.cwd().resolve()
+    if ".dvc" in cwd.parts:
+        i = cwd.parts.index(".dvc")
+        if cwd.parts[i + 1:i + 3] == ("tmp", "exps"):
+            return Path(*cwd.parts[:i])
     try:
         common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
                                 capture_output=True, text=True, check=True, timeout=10).stdout.strip()

@@ -67,3 +67,11 @@ def test_unreachable_server_warns_once_and_keeps_working(monkeypatch):
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "MLflow tracking disabled for stage prepare" in msgs[0]
     assert "metrics stay in the local metrics files" in msgs[0]
+
+
+def test_project_root_of_a_dvc_temp_experiment_is_the_main_tree(tmp_path, monkeypatch):
+    from aligntok.tracking import project_root
+    exp = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    exp.mkdir(parents=True)
+    monkeypatch.chdir(exp)
+    assert project_root() == tmp_path / "proj"

@@ -1,109 +1,160 @@
 """FID, Inception Score and improved precision/recall on feature arrays (numpy, float64).
 
-Formulas follow the standard implementations: Fréchet distance as in pytorch-fid / the ADM evaluator
-(Heusel et al. 2017), IS as in Improved-GAN / ADM (Salimans et al. 2016), precision/recall as the k-NN
-manifold estimate of Kynkäänniemi et al. 2019 (k=3, as in the ADM evaluator).
+Fréchet distance: Heusel et al. 2017, as in pytorch-fid / the ADM evaluator (but see `frechet_distance` for
+the matrix square root). IS: Salimans et al. 2016 as in Improved-GAN / the ADM evaluator. Precision/recall:
+the k-NN manifold estimate of Kynkäänniemi et al. 2019 (k=3), as in the ADM evaluator's ManifoldEstimator.
 """
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 
 from aligntok.io import write_bytes_atomic
 
+EIG_TOL = 1e-6  # negative eigenvalues beyond this fraction of the largest mean broken statistics
+ROW_BATCH = 1024
+
 
 class MetricError(ValueError):
     pass
 
 
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def feature_stats(features) -> tuple[np.ndarray, np.ndarray]:
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or len(f) < 2:
         raise MetricError(f"features: expected an (N>=2, D) array, got shape {f.shape}")
+    if not np.all(np.isfinite(f)):
+        raise MetricError("features contain NaN or Inf")
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+def _check_stats(mu, sigma, which: str) -> tuple[np.ndarray, np.ndarray]:
+    mu, sigma = np.atleast_1d(np.asarray(mu, np.float64)), np.atleast_2d(np.asarray(sigma, np.float64))
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise MetricError(f"{which}: expected mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise MetricError(f"{which}: statistics contain NaN or Inf; refusing to report a Fréchet distance")
+    return mu, sigma
+
+
+def _psd_eigh(m: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     w, v = np.linalg.eigh((m + m.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    if w.min() < -EIG_TOL * max(1.0, abs(w.max())):
+        raise MetricError(f"{what} is not positive semi-definite (eigenvalue {w.min():.3g})")
+    return np.clip(w, 0, None), v
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2).
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^1/2).
 
-    Tr((S1 S2)^1/2) is computed as the sum of sqrt-eigenvalues of the symmetric PSD matrix S1^1/2 S2 S1^1/2
-    (same eigenvalues as S1 S2) in float64: no scipy.linalg.sqrtm, whose complex/NaN results with some BLAS
-    builds gave peers broken FIDs (hustvl/LightningDiT#97)."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
-        if not np.all(np.isfinite(a)):
-            raise MetricError(f"{name} contains NaN or Inf; refusing to report an FID")
-    if mu1.shape != mu2.shape or s1.shape != s2.shape:
-        raise MetricError(f"statistics shapes differ: {mu1.shape}/{s1.shape} vs {mu2.shape}/{s2.shape}")
-    r1 = _sqrt_psd(s1)
-    eig = np.linalg.eigvalsh(r1 @ s2 @ r1)
-    if eig.min() < -1e-6 * max(1.0, abs(eig.max())):
-        raise MetricError(f"covariance product has a negative eigenvalue {eig.min():.3g}; statistics are broken")
-    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
-    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+    Tr((S1 S2)^1/2) is the sum of square roots of the eigenvalues of the symmetric PSD matrix
+    S1^1/2 S2 S1^1/2 (similar to S1 S2, so the same eigenvalues), all via float64 `eigh`. This replaces
+    pytorch-fid's scipy.linalg.sqrtm, which can return complex or NaN results (hustvl/LightningDiT#97)."""
+    mu1, s1 = _check_stats(mu1, sigma1, "stats 1")
+    mu2, s2 = _check_stats(mu2, sigma2, "stats 2")
+    if mu1.shape != mu2.shape:
+        raise MetricError(f"feature dimensions differ: {len(mu1)} vs {len(mu2)}")
+    w1, v1 = _psd_eigh(s1, "sigma1")
+    _psd_eigh(s2, "sigma2")
+    r1 = (v1 * np.sqrt(w1)) @ v1.T
+    eig, _ = _psd_eigh(r1 @ s2 @ r1, "sqrt(sigma1) sigma2 sqrt(sigma1)")
+    tr_covmean = np.sqrt(eig).sum()
+    diff = mu1 - mu2
+    fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
     if not np.isfinite(fd):
         raise MetricError("Fréchet distance is not finite")
+    if fd < -EIG_TOL * max(1.0, np.trace(s1) + np.trace(s2)):
+        raise MetricError(f"Fréchet distance came out negative ({fd:.3g}); statistics are broken")
     return max(fd, 0.0)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))) per split; mean and std over splits."""
-    logits = np.asarray(logits, np.float64)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+def inception_score(logits, splits: int = 10) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) on softmax(logits), p(y) taken per split; mean and std over splits
+    (Improved-GAN / ADM evaluator formula)."""
+    z = np.asarray(logits, np.float64)
+    if z.ndim != 2 or len(z) == 0 or not np.all(np.isfinite(z)):
+        raise MetricError(f"logits: expected a finite (N, classes) array, got shape {z.shape}")
+    if not 1 <= splits <= len(z):
+        raise MetricError(f"inception_score: splits={splits} needs 1 <= splits <= N={len(z)}")
+    z = z - z.max(1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(1, keepdims=True))
+    p = np.exp(log_p)
     scores = []
-    for part in np.array_split(p, max(1, splits)):
-        py = part.mean(0, keepdims=True)
-        kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1).mean()
+    for part, log_part in zip(np.array_split(p, splits), np.array_split(log_p, splits)):
+        py = part.mean(0)
+        log_py = np.log(np.where(py > 0, py, 1.0))  # classes with p(y)=0 have p(y|x)=0: term is 0
+        kl = (part * (log_part - log_py)).sum(1).mean()
         scores.append(np.exp(kl))
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _pairwise_sq(a: np.ndarray, b: np.ndarray, batch: int = 2048) -> np.ndarray:
-    out = np.empty((len(a), len(b)), np.float64)
-    bb = (b * b).sum(1)
-    for i in range(0, len(a), batch):
-        x = a[i:i + batch]
-        out[i:i + batch] = np.clip((x * x).sum(1)[:, None] + bb[None, :] - 2 * x @ b.T, 0, None)
-    return out
+def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    return np.clip((a * a).sum(1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T), 0, None)
 
 
-def _radii(f: np.ndarray, k: int) -> np.ndarray:
-    d = _pairwise_sq(f, f)
-    return np.sqrt(np.partition(d, k, axis=1)[:, k])  # k-th neighbour, index 0 is the point itself
+def _knn_radii(f: np.ndarray, k: int) -> np.ndarray:
+    """Squared distance to the k-th nearest neighbour (excluding the point itself), in row batches."""
+    f_sq = (f * f).sum(1)
+    radii = np.empty(len(f))
+    for i in range(0, len(f), ROW_BATCH):
+        d = _sq_dists(f[i:i + ROW_BATCH], f, f_sq)
+        radii[i:i + ROW_BATCH] = np.partition(d, k, axis=1)[:, k]  # column 0 of the sort is the point itself
+    return radii
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Precision: share of fakes inside the real manifold (union of k-NN balls); recall: the converse."""
-    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+def _coverage(queries: np.ndarray, support: np.ndarray, radii: np.ndarray) -> float:
+    """Share of queries inside at least one k-NN ball of the support set."""
+    s_sq = (support * support).sum(1)
+    inside = 0
+    for i in range(0, len(queries), ROW_BATCH):
+        inside += int((_sq_dists(queries[i:i + ROW_BATCH], support, s_sq) <= radii[None, :]).any(1).sum())
+    return inside / len(queries)
+
+
+def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, float]:
+    """Precision: share of fakes inside the real manifold (union of real k-NN balls); recall: share of reals
+    inside the fake manifold. Kynkäänniemi et al. 2019 / ADM evaluator, squared Euclidean distances."""
+    real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise MetricError(f"precision/recall: expected (N, D) arrays of equal D, got {real.shape} and {fake.shape}")
     if len(real) <= k or len(fake) <= k:
         raise MetricError(f"precision/recall need more than k={k} real and fake features")
-    r_real, r_fake = _radii(real, k), _radii(fake, k)
-    d = np.sqrt(_pairwise_sq(fake, real))
-    precision = float((d <= r_real[None, :]).any(1).mean())
-    recall = float((d.T <= r_fake[None, :]).any(1).mean())
+    if not (np.all(np.isfinite(real)) and np.all(np.isfinite(fake))):
+        raise MetricError("precision/recall: features contain NaN or Inf")
+    precision = _coverage(fake, real, _knn_radii(real, k))
+    recall = _coverage(real, fake, _knn_radii(fake, k))
     return precision, recall
 
 
-def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, meta: dict) -> None:
-    import io
-    import json
+def save_stats(path, mu, sigma, meta: dict) -> None:
+    """mu/sigma plus JSON meta (must name `backbone` and `data_hash`) as .npz, written atomically."""
+    mu, sigma = _check_stats(mu, sigma, str(path))
+    missing = {"backbone", "data_hash"} - set(meta)
+    if missing:
+        raise MetricError(f"{path}: stats meta must include {sorted(missing)}")
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    np.savez(buf, mu=mu, sigma=sigma, meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
     write_bytes_atomic(path, buf.getvalue())
 
 
-def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    import json
-    with np.load(path, allow_pickle=False) as f:
-        if "mu" not in f or "sigma" not in f:
-            raise MetricError(f"{path}: expected arrays 'mu' and 'sigma'")
-        meta = json.loads(bytes(f["meta"]).decode()) if "meta" in f else {}
-        return f["mu"], f["sigma"], meta
+def load_stats(path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Stats written by `save_stats`, or an ADM reference batch (its `mu`/`sigma` are Inception pool_3)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricError(f"{path}: stats file not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f or "sigma" not in f:
+                raise MetricError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(f.files)}")
+            mu, sigma = f["mu"], f["sigma"]
+            meta = json.loads(f["meta"].tobytes().decode()) if "meta" in f else {
+                "backbone": "inception", "source": "adm-reference-batch", "name": path.name}
+    except (OSError, ValueError) as e:
+        if isinstance(e, MetricError):
+            raise
+        raise MetricError(f"{path}: not a readable stats .npz ({type(e).__name__})") from None
+    mu, sigma = _check_stats(mu, sigma, str(path))
+    return mu, sigma, meta
