@@ -139,6 +139,9 @@ class EvalConfig(Section):
     batch_size: PosInt = 50
     fid_backbone: Literal["inception", "efficientnet-lite0", "random-init"] = "efficientnet-lite0"
     inception_weights: str | None = None  # local inception-2015-12-05.pt
+    # efficientnet-lite0 only: pooled features of the block stage with this many channels (e.g. 320, 112);
+    # null = the 1280-d head. Fréchet distances need N well above the dimension.
+    feature_dim: PosInt | None = None
     labels: Literal["random", "balanced"] = "balanced"
     cfg_scale: Annotated[float, Field(ge=1)] = 4.0  # the with-CFG row; without-CFG always uses 1.0
 

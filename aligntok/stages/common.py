@@ -49,3 +49,10 @@ def write_plots(stage: str, history: list[dict]) -> Path:
     writer.writerows(history)
     write_bytes_atomic(path, buf.getvalue().encode())
     return path
+
+
+def feature_extractor(params: Params):
+    """The FID/IS/PR feature extractor of `params.eval` (shared by the tokenizer stages and evaluate)."""
+    from aligntok.eval.features import build_feature_extractor
+    e = params.eval
+    return build_feature_extractor(e.fid_backbone, e.inception_weights, seed=params.seed, feature_dim=e.feature_dim)

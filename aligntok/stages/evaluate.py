@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from aligntok.config import Params
-from aligntok.stages.common import DIT_DIR, OUTPUTS, REFERENCE_DIR, data_dir, tokenizer_dir, write_metrics
+from aligntok.stages.common import (DIT_DIR, OUTPUTS, REFERENCE_DIR, data_dir, feature_extractor, tokenizer_dir,
+                                    write_metrics)
 from aligntok.train.dist import cleanup, init_distributed
 from aligntok.tracking import log_final_metrics_to_parent, stage_run
 
@@ -41,7 +42,7 @@ def reference_stats(params: Params, extractor, reference_npz: str | None) -> dic
         return {"mu": mu, "sigma": sigma, "features": feats[:PR_FEATURES], "name": Path(reference_npz).name,
                 "count": len(feats)}
     content = read_manifest(data_dir(params))["content_hash"]
-    path = REFERENCE_DIR / f"{extractor.name}-{content[:16]}.npz"
+    path = REFERENCE_DIR / f"{extractor.name}-{extractor.dim}-{content[:16]}.npz"
     feats_path = path.with_name(path.stem + "-features.npy")
     if path.exists() and feats_path.exists():
         mu, sigma, meta = load_stats(path)
@@ -70,7 +71,6 @@ def generation_metrics(extractor, images: np.ndarray, ref: dict, batch_size: int
 
 def run(params: Params, args) -> int:
     from aligntok.data.dataset import ShardDataset
-    from aligntok.eval.features import build_feature_extractor
     from aligntok.eval.npz import load_npz_samples
     from aligntok.eval.reconstruction import reconstruction_metrics
     from aligntok.generate import labelled_grid, load_generator
@@ -80,10 +80,10 @@ def run(params: Params, args) -> int:
 
     dist = init_distributed(params.launcher.device)
     e, s = params.eval, params.sample
-    extractor = build_feature_extractor(e.fid_backbone, e.inception_weights, seed=params.seed)
+    extractor = feature_extractor(params)
     ref = reference_stats(params, extractor, args.reference) if dist.is_main else None
     metrics: dict = {}
-    protocol = {"fid_backbone": extractor.name, "reference": None, "num_samples": None, "labels": e.labels,
+    protocol = {"fid_backbone": extractor.name, "feature_dim": extractor.dim, "reference": None, "num_samples": None, "labels": e.labels,
                 "sampler": s.method, "steps": s.steps, "cfg_scale": e.cfg_scale, "cfg_channels": s.cfg_channels,
                 "cfg_interval_start": s.cfg_interval_start, "timestep_shift": s.timestep_shift,
                 "sample_seed": s.seed, "lpips_backbone": "pretrained" if params.lpips.pretrained_backbone else "random"}

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from aligntok.config import Params, TokenizerStageConfig
-from aligntok.stages.common import CHECKPOINTS, data_dir, tokenizer_dir, write_metrics, write_plots
+from aligntok.stages.common import (CHECKPOINTS, data_dir, feature_extractor, tokenizer_dir, write_metrics,
+                                    write_plots)
 from aligntok.train.checkpoint import find_checkpoint
 from aligntok.train.dist import cleanup, init_distributed
 from aligntok.train.loop import state_hash, train
@@ -173,9 +174,10 @@ def run(params: Params, args) -> int:
                 AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device).eval() if stage == 3 else None)
             metrics = reconstruction_metrics(
                 final, ShardDataset(data_dir(params), "val"), num_images=t.eval_images, device=dist.device,
-                lpips_fn=lpips_fn, extractor=_extractor(params), reference=reference)
+                lpips_fn=lpips_fn, extractor=feature_extractor(params), reference=reference)
             metrics["lpips_backbone"] = "pretrained" if params.lpips.pretrained_backbone else "random"
             metrics["fid_backbone"] = params.eval.fid_backbone
+            metrics["feature_dim"] = params.eval.feature_dim or "default"
             metrics["steps"] = result["step"]
             write_metrics(name, metrics, tracker, step=result["step"])
             write_plots(name, result["history"])
@@ -183,11 +185,6 @@ def run(params: Params, args) -> int:
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     cleanup()
     return 0
-
-
-def _extractor(params: Params):
-    from aligntok.eval.features import build_feature_extractor
-    return build_feature_extractor(params.eval.fid_backbone, params.eval.inception_weights, seed=params.seed)
 
 
 def _stop_after() -> int | None:
