@@ -18,15 +18,17 @@ class LPIPSError(RuntimeError):
 
 
 def build_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
-    """Frozen LPIPS (inputs in [-1, 1]). pretrained_backbone=False: random trunk, calibrated linear heads;
-    an image distance (fixed by the torch seed) for offline smoke runs, not a perceptual metric."""
+    """Frozen LPIPS (inputs in [-1, 1]). pretrained_backbone=False: random trunk (always drawn from seed 0, so the
+    number is comparable across runs and stages), calibrated linear heads; an image distance for offline smoke
+    runs, not a perceptual metric."""
     import lpips
 
     if net not in _TORCHVISION_FILES:
         raise ValueError(f"unknown LPIPS net {net!r}; known: {sorted(_TORCHVISION_FILES)}")
     try:
-        with warnings.catch_warnings():  # torchvision's deprecated `pretrained=` argument inside lpips
-            warnings.simplefilter("ignore", UserWarning)
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecated `pretrained=` inside lpips
+            torch.manual_seed(0)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
     except Exception as e:
         raise LPIPSError(

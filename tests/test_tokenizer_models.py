@@ -170,3 +170,15 @@ def test_fresh_encoder_batchnorm_uses_running_stats():
         a = model.encode(x)
         b = model.eval().encode(x)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_random_lpips_trunk_is_the_same_whatever_the_global_seed():
+    from aligntok.losses import build_lpips
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(1)
+    d1 = build_lpips("alex", pretrained_backbone=False)(a, b)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    d2 = build_lpips("alex", pretrained_backbone=False)(a, b)
+    assert torch.equal(d1, d2)
+    assert torch.equal(torch.get_rng_state(), state)  # building it does not disturb the caller's RNG
