@@ -12,24 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from aligntok.diffusion.flow import FlowMatching
 from aligntok.diffusion.sampler import sample
 from aligntok.models.dit import build_dit
+from aligntok.stages.bench import gemm_peak_flops
 
 LATENT = (32, 16, 16)
 NUM_CLASSES = 1000
 SAMPLER_STEPS = 30
-
-
-def gemm_peak_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n float32 matmul on `device`: the yardstick for achieved FLOP/s."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
 
 
 class _SdpaKernels(TorchDispatchMode):

@@ -10,16 +10,20 @@ import torch
 from aligntok.io import write_json_atomic
 
 
-def gemm_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Achievable float32 GEMM FLOP/s here (best of `repeats`), the yardstick for achieved FLOP/s."""
+def gemm_peak_flops(device: torch.device | str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n float32 matmul on `device`: the yardstick for achieved FLOP/s."""
     import time
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        sync()
+        t0 = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        sync()
+        best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
 
