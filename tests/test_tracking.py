@@ -75,3 +75,21 @@ def test_project_root_of_a_dvc_temp_experiment_is_the_main_tree(tmp_path, monkey
     exp.mkdir(parents=True)
     monkeypatch.chdir(exp)
     assert project_root() == tmp_path / "proj"
+
+
+def test_compare_shows_differing_params_and_skips_interrupted_pipelines(isolated_mlflow):
+    import os
+
+    from aligntok.stages.compare import compare_table, render
+    from aligntok.tracking import create_parent_run, log_final_metrics_to_parent, search_runs
+    a = load_params(ROOT / "params.yaml", ["tokenizer.stage2.semantic_weight=0"])
+    b = load_params(ROOT / "params.yaml")
+    for params, gfid in ((a, 12.5), (b, 10.0), (b, None)):
+        os.environ["ALIGNTOK_PARENT_RUN_ID"] = create_parent_run(params)
+        if gfid is not None:
+            log_final_metrics_to_parent(params, {"gfid": gfid, "psnr": 20.0})
+    del os.environ["ALIGNTOK_PARENT_RUN_ID"]
+    header, rows = compare_table(search_runs(b))
+    assert header == ["run", "tokenizer.stage2.semantic_weight", "psnr", "gfid"]
+    assert [r[1:] for r in rows] == [["0.0", "20", "12.5"], ["1.0", "20", "10"]]
+    assert render(header, rows, "csv").splitlines()[0] == "run,tokenizer.stage2.semantic_weight,psnr,gfid"

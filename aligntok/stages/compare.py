@@ -12,8 +12,9 @@ KEY_METRICS = ["rfid", "psnr", "ssim", "lpips", "semantic_cosine", "gfid", "is",
 
 
 def compare_table(runs) -> tuple[list[str], list[list[str]]]:
-    """Header and rows for pipeline (parent) runs: name, differing params, key metrics present in any run."""
-    parents = [r for r in runs if r.data.tags.get("role") == "pipeline"]
+    """Header and rows for pipeline (parent) runs that reached evaluate: name, differing params, key metrics.
+    Interrupted pipelines (no metrics on the parent) are left out."""
+    parents = [r for r in runs if r.data.tags.get("role") == "pipeline" and any(m in r.data.metrics for m in KEY_METRICS)]
     if not parents:
         return [], []
     keys = sorted({k for r in parents for k in r.data.params})
