@@ -71,6 +71,7 @@ def generation_metrics(extractor, images: np.ndarray, ref: dict, batch_size: int
 
 def run(params: Params, args) -> int:
     from aligntok.data.dataset import ShardDataset
+    from aligntok.data.shards import read_manifest
     from aligntok.eval.npz import load_npz_samples
     from aligntok.eval.reconstruction import reconstruction_metrics
     from aligntok.generate import labelled_grid, load_generator
@@ -83,8 +84,8 @@ def run(params: Params, args) -> int:
     extractor = feature_extractor(params)
     ref = reference_stats(params, extractor, args.reference) if dist.is_main else None
     metrics: dict = {}
-    protocol = {"fid_backbone": extractor.name, "feature_dim": extractor.dim, "reference": None, "num_samples": None, "labels": e.labels,
-                "sampler": s.method, "steps": s.steps, "cfg_scale": e.cfg_scale, "cfg_channels": s.cfg_channels,
+    protocol = {"fid_backbone": extractor.name, "feature_dim": extractor.dim, "reference": None,
+                "num_samples": None, "labels": e.labels, "sampler": s.method, "steps": s.steps, "cfg_scale": e.cfg_scale, "cfg_channels": s.cfg_channels,
                 "cfg_interval_start": s.cfg_interval_start, "timestep_shift": s.timestep_shift,
                 "sample_seed": s.seed, "lpips_backbone": "pretrained" if params.lpips.pretrained_backbone else "random"}
     if ref is not None:
@@ -93,7 +94,10 @@ def run(params: Params, args) -> int:
     with stage_run(params, "evaluate") as tracker:
         if args.samples:
             images, _ = load_npz_samples(args.samples)
-            protocol.update({"samples": str(args.samples), "num_samples": len(images), "sampler": "external"})
+            # how the external samples were made is not ours to report
+            protocol.update({"samples": str(args.samples), "num_samples": len(images), "sampler": "external",
+                             "labels": None, "steps": None, "cfg_scale": None, "cfg_channels": None,
+                             "cfg_interval_start": None, "timestep_shift": None, "sample_seed": None})
             if dist.is_main:
                 metrics.update(generation_metrics(extractor, images, ref, e.batch_size))
         else:
@@ -107,7 +111,7 @@ def run(params: Params, args) -> int:
                     images, labels = out
                     metrics.update({f"{k}{suffix}": v for k, v in
                                     generation_metrics(extractor, images, ref, e.batch_size).items()})
-                    names = ShardDataset(data_dir(params), "train").class_names
+                    names = read_manifest(data_dir(params))["class_names"]
                     grid = labelled_grid(images[:40], labels[:40].tolist(), names, cols=10)
                     grid.save(EVAL_DIR / f"samples{suffix}.png")
                     tracker.log_artifact(EVAL_DIR / f"samples{suffix}.png", "samples")
