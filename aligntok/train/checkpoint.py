@@ -4,11 +4,18 @@ Weights go to safetensors; optimiser/scheduler/RNG state to a torch file that on
 Python values, so it loads with `weights_only=True`. A checkpoint resumes only when its stored `state_hash`
 (stage params + input hashes) matches; otherwise the stage starts fresh (a changed param must not silently
 continue the old run).
+
+Each checkpoint's meta.json records the sha256 of every file beside it, and `meta.json` is written last, so a
+torn write (full disk, crash mid-write, a kill between the rename and `latest`) is detected on resume: the stage
+then falls back to the newest checkpoint that verifies, says so on stderr, and never dies on every rerun.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,11 @@ from safetensors.torch import load_file, save_file
 from aligntok.io import write_bytes_atomic
 
 KEEP = 2
+FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only, ...); the previous good checkpoint is intact."""
 
 
 @dataclass
@@ -54,41 +66,86 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, modules: dict[str, torch.nn.Mo
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:08d}"
     tmp = ckpt_dir / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(flat_state(modules), str(tmp / "model.safetensors"))
-    if ema:
-        save_file(flat_state(ema), str(tmp / "ema.safetensors"))
-    state = {
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "state_hash": state_hash, "run_id": run_id,
-                                               "history": history}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    write_bytes_atomic(ckpt_dir / "latest", final.name.encode())
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(flat_state(modules), str(tmp / "model.safetensors"))
+        if ema:
+            save_file(flat_state(ema), str(tmp / "ema.safetensors"))
+        state = {
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(state, tmp / "state.pt")
+        digests = {f: _sha256(tmp / f) for f in FILES if (tmp / f).exists()}
+        write_bytes_atomic(tmp / "meta.json", json.dumps({"step": step, "state_hash": state_hash, "run_id": run_id,
+                                                          "files": digests, "history": history}).encode())
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        write_bytes_atomic(ckpt_dir / "latest", final.name.encode())
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        good = sorted(p.name for p in ckpt_dir.glob("step-*") if p != final)
+        raise CheckpointWriteError(e.errno, f"{ckpt_dir}: could not write the step-{step} checkpoint ({reason}); "
+                                            f"the previous checkpoint is intact: {good[-1] if good else 'none'}") from None
     for old in sorted(ckpt_dir.glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def find_checkpoint(ckpt_dir: Path, state_hash: str) -> Checkpoint | None:
-    """The latest checkpoint written for this exact configuration, or None."""
-    pointer = ckpt_dir / "latest"
-    if not pointer.exists():
-        return None
-    path = ckpt_dir / pointer.read_text().strip()
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path: Path, state_hash: str) -> tuple[Checkpoint | None, str | None]:
+    """(checkpoint, None) when `path` is complete and made for `state_hash`; else (None, why not)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    except FileNotFoundError:
+        return None, "no meta.json (written partly)"
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"unreadable meta.json ({type(e).__name__})"
     if meta.get("state_hash") != state_hash:
-        return None
-    return Checkpoint(path, int(meta["step"]), meta["state_hash"], meta.get("run_id"), meta.get("history", []))
+        return None, None  # another configuration's checkpoint: not an error, just not ours
+    files = meta.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        return None, "meta.json lists no file digests"
+    for name, digest in files.items():
+        try:
+            if _sha256(path / name) != digest:
+                return None, f"{name} does not match its recorded sha256 (torn or corrupt)"
+        except OSError:
+            return None, f"{name} is missing"
+    return Checkpoint(path, int(meta["step"]), meta["state_hash"], meta.get("run_id"), meta.get("history", [])), None
+
+
+def find_checkpoint(ckpt_dir: Path, state_hash: str) -> Checkpoint | None:
+    """The newest complete checkpoint written for this exact configuration, or None.
+
+    Candidates are every `step-*` folder, newest first (so a kill between renaming a checkpoint into place and
+    updating `latest` loses nothing); one that fails verification is reported and skipped, never loaded.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    skipped = []
+    for path in sorted(ckpt_dir.glob("step-*"), reverse=True):
+        found, why = _verify(path, state_hash)
+        if found is not None:
+            if skipped:
+                print(f"aligntok: resuming from {path} (skipped {'; '.join(skipped)})", file=sys.stderr, flush=True)
+            return found
+        if why:
+            skipped.append(f"{path.name}: {why}")
+    if skipped:
+        print(f"aligntok: no usable checkpoint in {ckpt_dir} ({'; '.join(skipped)}); starting from step 0",
+              file=sys.stderr, flush=True)
+    return None
 
 
 def load_checkpoint(ckpt: Checkpoint, *, modules, ema, optimizers, schedulers) -> None:
