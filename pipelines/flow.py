@@ -5,16 +5,20 @@ UI-triggered ablation never overwrites the workspace's results. The worktree sha
 stage whose inputs and params are unchanged is restored from DVC's run-cache instead of recomputed, and DVC (not
 Prefect) does all caching. Every stage runs as `dvc repro <stage>` in its own process group; its output streams
 into the Prefect log, and cancelling or timing out kills the whole group (torchrun children included).
-"""
-from __future__ import annotations
 
+No `from __future__ import annotations` here: Prefect builds the deployment's parameter model from the flow's
+signature when a served deployment starts a run, and string annotations (`"PipelineParams"`) cannot be resolved
+there; every UI-triggered run then failed parameter validation before any stage ran.
+"""
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -29,13 +33,17 @@ def dag_stages(dvc_yaml: Path = ROOT / "dvc.yaml") -> list[str]:
     return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
-class PipelineParams(BaseModel):
-    """Shown as the run form in the Prefect UI."""
+Profile = Literal["smoke", "ci", "imagenet256"]  # profiles/<name>.yaml; a test keeps this list equal to the folder
 
-    profile: str = Field("smoke", description="profiles/<name>.yaml to start from (smoke, ci, imagenet256)")
+
+class PipelineParams(BaseModel):
+    """Shown as the run form in the Prefect UI (each field's description and type, choices as dropdowns)."""
+
+    profile: Profile = Field("smoke", description="profiles/<name>.yaml to start from")
     semantic_weight: float | None = Field(None, ge=0, description="tokenizer.stage2.semantic_weight (0 = off)")
     encoder_arch: str | None = Field(None, description="encoder.arch, a timm model name")
-    tokenizer_kind: str | None = Field(None, description="aligntok or vae (from-scratch baseline)")
+    tokenizer_kind: Literal["aligntok", "vae"] | None = Field(
+        None, description="tokenizer.kind: aligntok, or vae (the from-scratch baseline)")
     dit_model: str | None = Field(None, description="dit.model, e.g. tiny, LightningDiT-B/1")
     dit_steps: int | None = Field(None, gt=0, description="dit.steps")
     cfg_scale: float | None = Field(None, ge=1, description="eval.cfg_scale (the with-CFG row)")
@@ -121,12 +129,31 @@ def run_stage(stage: str, run_dir: str, env: dict, timeout_s: int) -> float:
     return time.perf_counter() - t0
 
 
-@flow(name="aligntok-pipeline", log_prints=True)
+def run_name() -> str:
+    """A readable flow-run name from the run form's values, e.g. `ci-semantic_weight=0-dit_steps=200`."""
+    raw = (flow_run.get_parameters() or {}).get("params") or {}
+    p = raw if isinstance(raw, PipelineParams) else PipelineParams.model_validate(raw)
+    changed = [f"{k}={v}" for k, v in p.model_dump(exclude_defaults=True, exclude={"profile", "overrides",
+                                                                                   "stage_timeout_s"}).items()]
+    return "-".join([p.profile, *changed, *([f"{len(p.overrides)}-overrides"] if p.overrides else [])])
+
+
+def metrics_table(metrics: dict) -> str:
+    """The final metrics as a markdown table (numbers only; the protocol strings stay in the metrics file)."""
+    rows = [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return "\n".join(["| metric | value |", "| --- | --- |", *rows])
+
+
+@flow(name="aligntok-pipeline", log_prints=True, flow_run_name=run_name, persist_result=True)
 def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
+    from prefect.artifacts import create_markdown_artifact
+
     from aligntok.config import load_params
     from aligntok.stages.repro import pipeline_env
 
-    name = f"prefect-{flow_run.get_name() or flow_run.get_id() or 'local'}"
+    # the id keeps two runs with the same form values (same name) in separate worktrees
+    name = f"prefect-{flow_run.get_name() or 'local'}-{(flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     run_dir = prepare_run_dir(name, params)
     resolved = load_params(run_dir / "params.yaml", check_paths=False)
     env = pipeline_env(resolved, {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
@@ -134,9 +161,11 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     seconds = {}
     for stage in dag_stages(run_dir / "dvc.yaml"):
         seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, params.stage_timeout_s)
-    metrics = run_dir / "outputs" / "metrics" / "evaluate.json"
-    return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds,
-            "metrics": yaml.safe_load(metrics.read_text()) if metrics.exists() else {}}
+    path = run_dir / "outputs" / "metrics" / "evaluate.json"
+    metrics = yaml.safe_load(path.read_text()) if path.exists() else {}
+    create_markdown_artifact(markdown=metrics_table(metrics), key="final-metrics",
+                             description=f"evaluate.json of {run_dir.name}")
+    return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds, "metrics": metrics}
 
 
 if __name__ == "__main__":
