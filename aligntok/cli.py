@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="switch params.yaml to a profile in profiles/ (smoke, ci, imagenet256)")
     pr.add_argument("name")
     pr.add_argument("--params", default="params.yaml")
+    t = sub.add_parser("tracking", help="`tracking sync`: send metric points kept locally during an MLflow outage")
+    t.add_argument("action", choices=["sync"])
+    _common(t)
     r = sub.add_parser("repro", help="`dvc repro` under one MLflow parent run (extra args go to dvc)")
     _common(r)
     r.add_argument("dvc_args", nargs=argparse.REMAINDER)
@@ -98,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         from aligntok.stages.compare import run as compare
         return compare(params, args)
+    if args.command == "tracking":
+        from aligntok.tracking import sync_journals
+        sync_journals(params)
+        return 0
     if args.command == "repro":
         from aligntok.stages.repro import run as repro
         return repro(params, args)
@@ -109,6 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"aligntok: config error: {e}", file=sys.stderr)
         return 2
+    except _known_errors() as e:  # bad input or a failed write: one line naming the file, no traceback
+        print(f"aligntok: {args.command}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what went wrong and where; anything else keeps its traceback."""
+    from aligntok.data.latents import LatentCacheError
+    from aligntok.data.shards import DataError
+    from aligntok.train.checkpoint import CheckpointWriteError
+    from aligntok.train.loop import TrainingDiverged
+    return DataError, LatentCacheError, CheckpointWriteError, TrainingDiverged
 
 
 def _switch_profile(name: str, target: Path) -> int:

@@ -4,7 +4,8 @@ One parent run per pipeline execution, one child run per stage. DVC runs every s
 the parent is found through a pipeline id: `ALIGNTOK_PARENT_RUN_ID` (set by `aligntok repro` and the Prefect
 flow) wins; else `ALIGNTOK_PIPELINE_ID`; else the id of the `dvc repro`/`dvc exp run` process this stage runs
 under (pid + start time, read from /proc). A tracking outage warns once and never fails the stage: metrics
-always also land in the stage's local metrics/plots files.
+always also land in the stage's local metrics/plots files. Metric points go through a local journal and a
+background sender (`tracking_journal`), so a server outage mid-run neither stalls training nor loses points.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ class Tracker:
         self.run_id: str | None = None
         self.enabled = os.environ.get("ALIGNTOK_TRACKING", "1") != "0"
         self._mlflow = None
+        self.journal = None
 
     def _fail(self, what: str, err: BaseException) -> None:
         if self.enabled:
@@ -107,6 +109,7 @@ class Tracker:
             import mlflow
             uri = tracking_uri(self.params)
             if uri.startswith("http"):
+                bound_http_retries()
                 _check_http(uri)
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(self.params.tracking.experiment)
@@ -119,6 +122,9 @@ class Tracker:
                 mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.params.model_dump(mode="json")).items()})
             mlflow.set_tags(self._tags())
             self.run_id = run.info.run_id
+            if os.environ.get("RANK", "0") == "0":
+                from aligntok.tracking_journal import MetricJournal
+                self.journal = MetricJournal(self.run_id, send_metrics)
         except Exception as e:  # noqa: BLE001
             self._fail("start", e)
         return self.run_id
@@ -145,7 +151,9 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self._mlflow is not None:
+        if self.journal is not None:
+            self.journal.append(clean, step)  # local and immediate; sent in the background
+        elif self._mlflow is not None:
             self._call("log_metrics", self._mlflow.log_metrics, clean, step=step)
 
     def log_image(self, image, key: str, step: int) -> None:
@@ -162,8 +170,45 @@ class Tracker:
             self._call("log_dict", self._mlflow.log_dict, data, name)
 
     def end(self, status: str = "FINISHED") -> None:
+        if self.journal is not None:
+            left = self.journal.close()
+            if left:
+                print(f"aligntok: {left} metric points of run {self.run_id} are not in MLflow yet (server away); "
+                      f"they are kept in {self.journal.path}: run `aligntok tracking sync`", flush=True)
+            else:
+                self.journal.discard()
         if self._mlflow is not None:
             self._call("end_run", self._mlflow.end_run, status=status)
+
+
+def bound_http_retries() -> None:
+    """Short HTTP timeouts and few retries (MLflow's defaults wait minutes on a dead server); users' values win."""
+    for k, v in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
+        os.environ.setdefault(k, v)
+
+
+def send_metrics(run_id: str, points: list[dict]) -> None:
+    import mlflow
+    from mlflow.entities import Metric
+    mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(p["key"], p["value"], p["timestamp"], p["step"])
+                                                     for p in points], synchronous=True)
+
+
+def sync_journals(params: Params) -> int:
+    """`aligntok tracking sync`: send every journaled metric point that MLflow has not accepted yet."""
+    import mlflow
+    from aligntok.tracking_journal import JOURNAL_DIR, flush_journal
+    uri = tracking_uri(params)
+    if uri.startswith("http"):
+        bound_http_retries()
+    mlflow.set_tracking_uri(uri)
+    total = 0
+    for path in sorted(JOURNAL_DIR.glob("*.jsonl")):
+        sent = flush_journal(path, path.with_suffix(".sent"), path.stem, send_metrics)
+        total += sent
+        print(f"{path.stem}: {sent} metric points sent")
+    return total
 
 
 def _check_http(uri: str) -> None:
