@@ -5,12 +5,14 @@ so two numbers are compared only when their protocols match.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from aligntok.config import Params
+from aligntok.io import write_bytes_atomic
 from aligntok.stages.common import (DIT_DIR, OUTPUTS, REFERENCE_DIR, data_dir, feature_extractor, tokenizer_dir,
                                     write_metrics)
 from aligntok.train.dist import cleanup, init_distributed
@@ -53,7 +55,9 @@ def reference_stats(params: Params, extractor, reference_npz: str | None) -> dic
     mu, sigma = feature_stats(feats)
     name = f"{params.data.name}-train"
     save_stats(path, mu, sigma, {"name": name, "count": len(feats), "backbone": extractor.name, "data_hash": content})
-    np.save(feats_path, feats[:PR_FEATURES])
+    buf = io.BytesIO()
+    np.save(buf, feats[:PR_FEATURES])
+    write_bytes_atomic(feats_path, buf.getvalue())  # a new inode: never writes through a DVC cache link
     return {"mu": mu, "sigma": sigma, "features": feats[:PR_FEATURES], "name": name, "count": len(feats)}
 
 
