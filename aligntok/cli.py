@@ -80,10 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _maybe_torchrun(command: str, params) -> None:
-    n = params.launcher.nproc_per_node
-    if command in DISTRIBUTED and n > 1 and "LOCAL_RANK" not in os.environ:
-        exe = shutil.which("torchrun") or "torchrun"
-        os.execvp(exe, [exe, "--standalone", f"--nproc_per_node={n}", "-m", "aligntok.cli", *sys.argv[1:]])
+    """Distributed stages re-exec themselves under torchrun (and srun under Slurm); see aligntok.launch."""
+    if command not in DISTRIBUTED:
+        return
+    from aligntok.launch import launch_command
+    cmd = launch_command(params.launcher, sys.argv[1:])
+    if cmd:
+        os.execvp(cmd[0], cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "repro":
         from aligntok.stages.repro import run as repro
         return repro(params, args)
-    _maybe_torchrun(args.command, params)
+    try:
+        _maybe_torchrun(args.command, params)
+    except ConfigError as e:
+        print(f"aligntok: config error: {e}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"aligntok.stages.{STAGES.get(args.command, args.command)}")
     args.stage = args.command
     try:
@@ -126,14 +133,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from aligntok.data.latents import LatentCacheError
     from aligntok.data.shards import DataError
     from aligntok.train.checkpoint import CheckpointWriteError
+    from aligntok.train.dist import SharedDirError
     from aligntok.train.loop import TrainingDiverged
-    return DataError, LatentCacheError, CheckpointWriteError, TrainingDiverged
+    return DataError, LatentCacheError, CheckpointWriteError, TrainingDiverged, SharedDirError
 
 
 def _switch_profile(name: str, target: Path) -> int:
+    names = sorted(p.stem for p in Path("profiles").glob("*.yaml"))
     src = Path("profiles") / f"{name}.yaml"
-    if not src.exists():
-        avail = ", ".join(sorted(p.stem for p in Path("profiles").glob("*.yaml"))) or "none"
+    if name not in names:  # a name, not a path: `../x` must not reach outside profiles/
+        avail = ", ".join(names) or "none"
         print(f"aligntok: config error: profile {name!r} not found in profiles/ (available: {avail})", file=sys.stderr)
         return 2
     load_params(src, check_paths=False)  # a broken profile must not replace a working params.yaml

@@ -147,7 +147,18 @@ class EvalConfig(Section):
 
 
 class LauncherConfig(Section):
-    nproc_per_node: PosInt = 1
+    """How a stage starts its processes: one, torchrun on one node, torchrun on several nodes, or under Slurm.
+
+    Multi-node without a scheduler: start the same stage command on every node with the same launcher values
+    (torchrun's c10d rendezvous at `rdzv_endpoint` joins them). Under Slurm (`sbatch` from
+    `pipelines/slurm/dvc-repro.sbatch`), the node count, rendezvous id and endpoint come from SLURM_* and the
+    stage starts one torchrun per node through `srun`.
+    """
+
+    nproc_per_node: PosInt = 1  # processes (GPUs) per node
+    nnodes: PosInt = 1  # nodes; > 1 needs rdzv_endpoint (or a Slurm allocation)
+    rdzv_endpoint: str | None = None  # host:port on node 0 that every node reaches, e.g. gpu-node-0:29500
+    rdzv_id: str = "aligntok"  # one id per job; every node uses the same
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

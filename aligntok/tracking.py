@@ -82,7 +82,8 @@ class Tracker:
     def __init__(self, params: Params, stage: str):
         self.params, self.stage = params, stage
         self.run_id: str | None = None
-        self.enabled = os.environ.get("ALIGNTOK_TRACKING", "1") != "0"
+        # only rank 0 tracks: one child run per stage, not one per GPU, and no race to create the parent
+        self.enabled = os.environ.get("ALIGNTOK_TRACKING", "1") != "0" and os.environ.get("RANK", "0") == "0"
         self._mlflow = None
         self.journal = None
 
@@ -122,9 +123,8 @@ class Tracker:
                 mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.params.model_dump(mode="json")).items()})
             mlflow.set_tags(self._tags())
             self.run_id = run.info.run_id
-            if os.environ.get("RANK", "0") == "0":
-                from aligntok.tracking_journal import MetricJournal
-                self.journal = MetricJournal(self.run_id, send_metrics)
+            from aligntok.tracking_journal import MetricJournal
+            self.journal = MetricJournal(self.run_id, send_metrics)
         except Exception as e:  # noqa: BLE001
             self._fail("start", e)
         return self.run_id

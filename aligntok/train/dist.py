@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
@@ -28,8 +32,16 @@ def pick_device(choice: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_choice: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run single-process."""
+class SharedDirError(RuntimeError):
+    """Ranks do not see the same checkpoints/ folder (the stage needs a shared file system)."""
+
+
+def init_distributed(device_choice: str = "auto", shared_dir: Path | str = "checkpoints") -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run single-process.
+
+    Multi-node runs also prove at once that every rank sees rank 0's `shared_dir` (checkpoints, resume state and
+    outputs are shared through the file system), instead of failing hours later at the first resume.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -38,7 +50,31 @@ def init_distributed(device_choice: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        check_shared_dir(Path(shared_dir), rank)
     return DistInfo(rank, world, local, device)
+
+
+def check_shared_dir(path: Path, rank: int, wait_s: float = 10.0) -> None:
+    """Rank 0 writes a fresh token under `path`; every rank must read it back (NFS may need a moment)."""
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    torch_dist.broadcast_object_list(token, src=0)
+    probe = path / ".shared-dir-check" / token[0]
+    if rank == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    torch_dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (seen := probe.is_file() and probe.read_text() == token[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(views, (rank, socket.gethostname(), seen))
+    torch_dist.barrier()
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {r} on {host}" for r, host, ok in views if not ok]
+    if blind:
+        raise SharedDirError(f"{path.resolve()}: {', '.join(blind)} cannot see rank 0's files; checkpoints/, "
+                             "outputs/ and data/ must be on a file system shared by every node")
 
 
 def barrier() -> None:

@@ -99,6 +99,10 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if hasattr(m, "module") else m
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def state_hash(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -136,6 +140,9 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
     step = start
     for step, batch in enumerate(loader, start=start):
         batch = _to(batch, dist.device)
+        # noise, timesteps and label drops come from (seed, rank, step) alone: ranks draw differently, and a
+        # resumed run (on any world size) draws exactly what an uninterrupted one would
+        torch.manual_seed(step_seed(seed, dist.rank, step))
         flip = torch.Generator().manual_seed(seed * 1_000_003 + step)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
