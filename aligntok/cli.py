@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -89,7 +90,13 @@ def _maybe_torchrun(command: str, params) -> None:
         os.execvp(cmd[0], cmd)
 
 
+def _terminate(signum, frame):
+    """SIGTERM (Prefect cancel, Slurm preemption, a timeout) unwinds like Ctrl-C, so runs end as KILLED."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "profile":
@@ -125,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _known_errors() as e:  # bad input or a failed write: one line naming the file, no traceback
         print(f"aligntok: {args.command}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else 1
+        return 2 if isinstance(e, ValueError) else DIVERGED if type(e).__name__ == "TrainingDiverged" else 1
+
+
+DIVERGED = 3  # exit code of a NaN/Inf stop: rerunning the same params would diverge again (no retry)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

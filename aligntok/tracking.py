@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -52,6 +53,15 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_commit() -> str | None:
+    """HEAD's commit (what `mlflow.source.git.commit` means), or None outside a git work tree."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _dvc_process_id() -> str | None:
@@ -119,8 +129,9 @@ class Tracker:
                 run = mlflow.start_run(run_id=resume_run_id)
             else:
                 parent = self._parent_run_id()
-                run = mlflow.start_run(run_name=self.stage, parent_run_id=parent)
+                run = mlflow.start_run(run_name=self.stage, parent_run_id=parent, log_system_metrics=True)
                 mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.params.model_dump(mode="json")).items()})
+                self._log_sources()
             mlflow.set_tags(self._tags())
             self.run_id = run.info.run_id
             from aligntok.tracking_journal import MetricJournal
@@ -129,9 +140,27 @@ class Tracker:
             self._fail("start", e)
         return self.run_id
 
+    def _log_sources(self) -> None:
+        """What the run was made from: params.yaml and dvc.lock as artifacts, the prepared data set as an input."""
+        for name in ("params.yaml", "dvc.lock"):
+            if Path(name).is_file():
+                self._mlflow.log_artifact(name, "config")
+        manifest = Path("data") / self.params.data.name / "manifest.json"
+        if self.stage != "prepare" and manifest.is_file():
+            import json
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+            digest = json.loads(manifest.read_text()).get("content_hash", "")[:16]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # mlflow notes that a local path resolves two equal ways
+                source = resolve_dataset_source(str(manifest.parent.resolve()))
+            self._mlflow.log_input(MetaDataset(source, name=self.params.data.name, digest=digest), context="train")
+
     def _tags(self) -> dict[str, str]:
         import torch
-        return {"stage": self.stage, "profile": self.params.profile, "git_commit": git_commit(),
+        head = source_commit()
+        return {**({"mlflow.source.git.commit": head} if head else {}), "mlflow.source.name": f"aligntok {self.stage}",
+                "stage": self.stage, "profile": self.params.profile, "git_commit": git_commit(),
                 "pipeline_id": os.environ.get("ALIGNTOK_PIPELINE_ID", ""), "hostname": socket.gethostname(),
                 "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "torch_version": torch.__version__,
                 "world_size": os.environ.get("WORLD_SIZE", "1")}
@@ -145,9 +174,9 @@ class Tracker:
         os.environ["ALIGNTOK_PIPELINE_ID"] = pid
         found = mlflow.search_runs(filter_string=f"tags.pipeline_id = '{pid}' and tags.role = '{PIPELINE_ROLE}'",
                                    max_results=1, output_format="list")
-        if found:
-            return found[0].info.run_id
-        return create_parent_run(self.params, pid)
+        parent = found[0].info.run_id if found else create_parent_run(self.params, pid)
+        os.environ["ALIGNTOK_PARENT_RUN_ID_FOUND"] = parent
+        return parent
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -224,14 +253,40 @@ def create_parent_run(params: Params, pid: str | None = None) -> str:
     pid = pid or os.environ.get("ALIGNTOK_PIPELINE_ID") or f"pipeline-{uuid.uuid4().hex[:12]}"
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(params.tracking.experiment)
-    name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{params.profile}"
+    name = os.environ.get("DVC_EXP_NAME") or f"{params.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    head = source_commit()
     run = client.create_run(exp.experiment_id, run_name=name,
                             tags={"role": PIPELINE_ROLE, "pipeline_id": pid, "profile": params.profile,
-                                  "git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")})
-    for k, v in flatten(params.model_dump(mode="json")).items():
-        client.log_param(run.info.run_id, k, str(v)[:500])
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+                                  "git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+                                  **({"mlflow.source.git.commit": head} if head else {})})
+    from mlflow.entities import Param
+    items = [Param(k, str(v)[:500]) for k, v in flatten(params.model_dump(mode="json")).items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start:start + 100])
+    for name in ("params.yaml", "dvc.lock"):
+        if Path(name).is_file():
+            client.log_artifact(run.info.run_id, name, "config")
+    return run.info.run_id  # stays RUNNING until the pipeline ends (end_parent_run)
+
+
+def run_url(params: Params, run_id: str) -> str:
+    """The run's page in the MLflow UI of an HTTP tracking server."""
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri(params))
+    run = mlflow.MlflowClient().get_run(run_id)
+    return f"{tracking_uri(params).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def end_parent_run(params: Params, run_id: str | None, status: str) -> None:
+    """Give the pipeline's parent run its real final status (FINISHED, FAILED or KILLED); never raises."""
+    if not run_id:
+        return
+    try:
+        import mlflow
+        mlflow.set_tracking_uri(tracking_uri(params))
+        mlflow.MlflowClient().set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"MLflow: could not end the parent run {run_id} ({type(e).__name__})", RuntimeWarning)
 
 
 def log_final_metrics_to_parent(params: Params, metrics: dict[str, float]) -> None:
@@ -254,6 +309,8 @@ def log_final_metrics_to_parent(params: Params, metrics: dict[str, float]) -> No
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 client.log_metric(parent, k, float(v))
+        if not os.environ.get("ALIGNTOK_PARENT_RUN_ID"):  # plain `dvc repro`: the last stage ends the pipeline
+            client.set_terminated(parent, "FINISHED")
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"MLflow: could not copy final metrics to the parent run ({e})", RuntimeWarning)
 
@@ -264,8 +321,13 @@ def stage_run(params: Params, stage: str, resume_run_id: str | None = None) -> I
     tracker.start(resume_run_id)
     try:
         yield tracker
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as e:
+        # SIGTERM (Prefect cancel, Slurm preemption) arrives as SystemExit, Ctrl-C as KeyboardInterrupt
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        tracker.end(status)
+        if tracker.run_id and not os.environ.get("ALIGNTOK_PARENT_RUN_ID"):
+            parent = os.environ.get("ALIGNTOK_PARENT_RUN_ID_FOUND")
+            end_parent_run(params, parent, status)
         raise
     else:
         tracker.end("FINISHED")

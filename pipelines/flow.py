@@ -11,6 +11,8 @@ signature when a served deployment starts a run, and string annotations (`"Pipel
 there; every UI-triggered run then failed parameter validation before any stage ran.
 """
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,15 +59,39 @@ class PipelineParams(BaseModel):
         return [f"{k}={v}" for k, v in named.items() if v is not None] + list(self.overrides)
 
 
+class StageFailed(RuntimeError):
+    """A stage's command failed; `code` is the aligntok exit code when DVC reported it (else dvc's own)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+NO_RETRY = {2, 3}  # bad input or params, NaN/Inf stop: the same params would fail the same way again
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry only what a rerun can fix (a killed or crashed process, a lost node), never bad input or divergence."""
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.code not in NO_RETRY
+    except Exception:  # noqa: BLE001 - anything else (OSError, a crash): worth one more try
+        return True
+    return False
+
+
 def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: int, log) -> None:
     """Run `cmd` in a new process group, forward its lines to `log`, kill the group on timeout or cancel."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
     timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
     timer.start()
+    tail: list[str] = []
     try:
         for line in proc.stdout:
             log(line.rstrip())
+            tail = (tail + [line])[-50:]
         code = proc.wait()
     except BaseException:
         _kill_group(proc)
@@ -73,7 +99,11 @@ def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: int, log) -> 
     finally:
         timer.cancel()
     if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {code}" + (" (killed: timeout)" if code < 0 else ""))
+        # dvc exits 255 whatever the stage did; its last lines carry the stage's own exit code
+        found = re.findall(r"exited with (-?\d+)", "".join(tail))
+        stage_code = int(found[-1]) if found else code
+        raise StageFailed(f"{' '.join(cmd)} exited with {stage_code}" + (" (killed: timeout)" if code < 0 else ""),
+                          stage_code)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -120,7 +150,7 @@ def _dvc() -> str:
     return str(exe) if exe.exists() else "dvc"
 
 
-@task(retries=1, retry_delay_seconds=10)
+@task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient)
 def run_stage(stage: str, run_dir: str, env: dict, timeout_s: int) -> float:
     """`dvc repro <stage>` in the run directory; returns the subprocess's wall time in seconds."""
     logger = get_run_logger()
@@ -147,25 +177,75 @@ def metrics_table(metrics: dict) -> str:
 
 @flow(name="aligntok-pipeline", log_prints=True, flow_run_name=run_name, persist_result=True)
 def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
-    from prefect.artifacts import create_markdown_artifact
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     from aligntok.config import load_params
     from aligntok.stages.repro import pipeline_env
+    from aligntok.tracking import end_parent_run, run_url, tracking_uri
 
     # the id keeps two runs with the same form values (same name) in separate worktrees
     name = f"prefect-{flow_run.get_name() or 'local'}-{(flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     run_dir = prepare_run_dir(name, params)
     resolved = load_params(run_dir / "params.yaml", check_paths=False)
     env = pipeline_env(resolved, {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-                                  "DVC_EXP_NAME": name})
-    seconds = {}
-    for stage in dag_stages(run_dir / "dvc.yaml"):
-        seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, params.stage_timeout_s)
-    path = run_dir / "outputs" / "metrics" / "evaluate.json"
-    metrics = yaml.safe_load(path.read_text()) if path.exists() else {}
-    create_markdown_artifact(markdown=metrics_table(metrics), key="final-metrics",
+                                  "DVC_EXP_NAME": name, "TQDM_MININTERVAL": "30"})  # a progress line per 30 s
+    parent = env.get("ALIGNTOK_PARENT_RUN_ID")
+    seconds, status = {}, "KILLED"
+    try:
+        for stage in dag_stages(run_dir / "dvc.yaml"):
+            seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, params.stage_timeout_s)
+        status = "FINISHED"
+    except Exception:
+        status = "FAILED"
+        raise
+    finally:  # the MLflow parent run takes the flow's real status; the worktree goes, its results stay
+        end_parent_run(resolved, parent, status)
+        metrics = _read_metrics(run_dir)
+        archive_run_dir(run_dir)
+    create_markdown_artifact(markdown=metrics_table(metrics) + mlflow_note(resolved, parent), key="final-metrics",
                              description=f"evaluate.json of {run_dir.name}")
-    return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds, "metrics": metrics}
+    if parent and tracking_uri(resolved).startswith("http"):
+        create_link_artifact(key="mlflow-run", link=run_url(resolved, parent), link_text="MLflow parent run")
+    return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds, "metrics": metrics,
+            "mlflow_parent_run": parent}
+
+
+KEEP = ("params.yaml", "dvc.lock", "outputs/metrics", "outputs/plots", "outputs/eval")
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    path = run_dir / "outputs" / "metrics" / "evaluate.json"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
+
+
+def archive_run_dir(run_dir: Path) -> None:
+    """Replace the run's git worktree by its small results (params, dvc.lock, metrics, plots, grids).
+
+    Models and latents stay in the shared DVC cache: `dvc checkout` with the kept dvc.lock brings them back.
+    """
+    keep = run_dir.with_name(run_dir.name + ".results")
+    shutil.rmtree(keep, ignore_errors=True)
+    for rel in KEEP:
+        src, dst = run_dir / rel, keep / rel
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n.endswith((".npz", ".npy"))])
+        elif src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    subprocess.run(["git", "worktree", "remove", "--force", str(run_dir)], cwd=ROOT, capture_output=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+    if keep.exists():
+        keep.rename(run_dir)
+
+
+def mlflow_note(params, run_id: str | None) -> str:
+    from aligntok.tracking import tracking_uri
+    if not run_id:
+        return "\n\nMLflow was unreachable: metrics are in the run's outputs/metrics only."
+    uri = tracking_uri(params)
+    how = uri if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`"
+    return f"\n\nMLflow parent run `{run_id}` ({how})."
 
 
 if __name__ == "__main__":

@@ -23,7 +23,15 @@ def pipeline_env(params: Params, extra: dict[str, str] | None = None) -> dict[st
 
 
 def run(params: Params, args) -> int:
+    from aligntok.tracking import end_parent_run
+
     env = pipeline_env(params)
     cmd = ["dvc", "repro", *[a for a in args.dvc_args if a != "--"]]
     print("+", " ".join(cmd), f"(MLflow parent run {env.get('ALIGNTOK_PARENT_RUN_ID', 'none')})", flush=True)
-    return subprocess.call(cmd, env=env)
+    code = 130
+    try:
+        code = subprocess.call(cmd, env=env)
+    finally:  # the parent run stays RUNNING while the stages run, then takes the pipeline's real status
+        end_parent_run(params, env.get("ALIGNTOK_PARENT_RUN_ID"),
+                       "FINISHED" if code == 0 else "KILLED" if code in (130, 143, -2, -15) else "FAILED")
+    return code
