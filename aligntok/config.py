@@ -39,7 +39,9 @@ class DataConfig(Section):
     shard_rows: PosInt = 256
     max_image_pixels: PosInt = 89_478_485  # PIL's decompression-bomb limit
     hflip: bool = True
-    num_workers: NonNegInt = 0
+    # processes for `prepare` and DataLoader workers per rank; null = every core (DataLoaders: cores per rank);
+    # 0 = in the main process. The output never depends on it.
+    num_workers: NonNegInt | None = None
 
     @model_validator(mode="after")
     def _root_needed(self):

@@ -1,8 +1,10 @@
 """`aligntok cache-latents`: encode the train split with the final tokenizer into latent shards.
 
 Shards are written first under checkpoints/cache-latents/<tokenizer hash>/ (DVC deletes a stage's outs before
-it runs, so a resume must live elsewhere); a rerun skips finished shards. Each rank encodes its own disjoint
-part; rank 0 then computes latent_stats over all shards and hard-links the finished cache into outputs/latents.
+it runs, so a resume must live elsewhere); a rerun skips finished shards (same tokenizer, same image indices).
+Each rank encodes its own contiguous part of the train split, streaming it a row group at a time; rank 0 then
+computes latent_stats over all shards and hard-links the finished cache into outputs/latents, where
+`LatentDataset` memory-maps it.
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ def tokenizer_hash(model_dir: Path) -> str:
     return file_hash(Path(model_dir) / "model.safetensors")
 
 
-def _shard_done(path: Path, tok_hash: str) -> bool:
+def _shard_done(path: Path, tok_hash: str, block: list[int]) -> bool:
+    """A finished shard of this tokenizer holding exactly these images (a layout change redoes it)."""
     if not path.exists():
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("tokenizer_hash") == tok_hash
+            return ((f.metadata() or {}).get("tokenizer_hash") == tok_hash
+                    and f.get_tensor("indices").tolist() == list(block))
     except Exception:  # noqa: BLE001 - a torn/corrupt file is simply redone
         return False
 
@@ -46,7 +50,7 @@ def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank:
     for k, start in enumerate(range(0, len(indices), shard_rows)):
         block = indices[start:start + shard_rows]
         path = out_dir / f"latents-r{rank:03d}-{k:05d}.safetensors"
-        if not _shard_done(path, tok_hash):
+        if not _shard_done(path, tok_hash, block):
             zs, zfs, labels = [], [], []
             for b in range(0, len(block), batch_size):
                 items = [dataset[i] for i in block[b:b + batch_size]]
@@ -68,7 +72,7 @@ def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank:
 
 
 def run(params: Params, args) -> int:
-    from aligntok.data.dataset import ShardDataset, partition
+    from aligntok.data.dataset import ShardDataset, contiguous_part
     from aligntok.data.shards import read_manifest
     from aligntok.models.tokenizer import AlignTokenizer
 
@@ -80,7 +84,7 @@ def run(params: Params, args) -> int:
     data_manifest = read_manifest(data_dir(params))
     work = CHECKPOINTS / "cache-latents" / f"{tok_hash}-{data_manifest['content_hash'][:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    mine = list(partition(len(dataset), dist.rank, dist.world_size))
+    mine = list(contiguous_part(len(dataset), dist.rank, dist.world_size))
     with stage_run(params, "cache-latents") as tracker:
         t0 = time.perf_counter()
         records, encoded = encode_split(tokenizer, dataset, mine, work, rank=dist.rank,
@@ -90,8 +94,9 @@ def run(params: Params, args) -> int:
         barrier()
         if dist.is_main:
             shards = sorted(p.name for p in work.glob("latents-r*.safetensors"))
+            per_shard = params.latents.shard_rows
             expected = {f"latents-r{r:03d}-{k:05d}.safetensors" for r in range(dist.world_size)
-                        for k in range(-(-len(partition(len(dataset), r, dist.world_size)) // params.latents.shard_rows))}
+                        for k in range(-(-len(contiguous_part(len(dataset), r, dist.world_size)) // per_shard))}
             shards = [s for s in shards if s in expected]
             stats = compute_stats([work / s for s in shards])
             with safe_open(str(work / shards[0]), framework="pt") as f:

@@ -135,7 +135,7 @@ def input_hash(params: Params, stage: int) -> str:
 
 
 def run(params: Params, args) -> int:
-    from aligntok.data.dataset import ShardDataset
+    from aligntok.data.dataset import ShardDataset, loader_workers
     from aligntok.eval.reconstruction import reconstruction_metrics
     from aligntok.losses import ReconstructionLoss, build_lpips
     from aligntok.models.discriminator import PatchDiscriminator
@@ -165,7 +165,8 @@ def run(params: Params, args) -> int:
     with stage_run(params, name, resume.run_id if resume else None) as tracker:
         result = train(recipe, train_set, cfg, dist=dist, ckpt_dir=ckpt_dir, config_hash=config_hash,
                        seed=params.seed + stage, tracker=tracker, resume=resume, hflip=params.data.hflip,
-                       num_workers=params.data.num_workers, stop_after=_stop_after(), desc=name)
+                       num_workers=loader_workers(params.data.num_workers, params.launcher.nproc_per_node),
+                       stop_after=_stop_after(), desc=name)
         final = result["ema"].get("tokenizer", model) if result["ema"] else model
         if dist.is_main:
             out = tokenizer_dir(stage)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from aligntok.config import TrainConfig
+from aligntok.data.order import epoch_permutation, variant_choice
 from aligntok.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aligntok.train.dist import DistInfo, all_reduce_mean
 
@@ -50,26 +51,34 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Yields this rank's index lists for steps `start..steps-1`; sample p of the run is perm_{p//N}[p%N].
+    """Yields this rank's index lists for steps `start..steps-1`; sample p of the run is order_{p//N}[p%N].
 
-    A batch depends only on (seed, step), never on what ran before, so a resumed run sees the same data.
+    A batch depends only on (seed, step), never on what ran before, so a resumed run sees the same data. An
+    epoch's order is a permutation of the N source images (`aligntok.data.order`): row-group-local when
+    `group_sizes` (the stored row groups) is given, so a streaming reader touches few row groups per batch. With
+    `variants` > 1 (e.g. latents cached with a flipped copy) an epoch still counts N images, and each position
+    picks one variant, as item index `variant * N + image`.
     """
 
-    def __init__(self, n: int, batch: int, steps: int, start: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch: int, steps: int, start: int, seed: int, rank: int = 0, world: int = 1,
+                 group_sizes=None, variants: int = 1):
         if n == 0:
             raise ValueError("the training split is empty; prepare more images or lower data.val_fraction")
         self.n, self.batch, self.steps, self.start, self.seed = n, batch, steps, start, seed
-        self.rank, self.world = rank, world
-        self._perms: dict[int, np.ndarray] = {}
+        self.rank, self.world, self.group_sizes, self.variants = rank, world, group_sizes, variants
+        self._orders: dict[int, np.ndarray] = {}
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return self._perms[epoch]
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:  # one epoch kept: O(N) memory
+            order = epoch_permutation(self.n, self.seed, epoch, self.group_sizes)
+            if self.variants > 1:
+                order = order + self.n * variant_choice(self.n, self.seed, epoch, self.variants)
+            self._orders = {epoch: order}
+        return self._orders[epoch]
 
     def indices(self, step: int) -> list[int]:
         positions = range(step * self.batch + self.rank, (step + 1) * self.batch, self.world)
-        return [int(self._perm(p // self.n)[p % self.n]) for p in positions]
+        return [int(self._order(p // self.n)[p % self.n]) for p in positions]
 
     def __iter__(self):
         for step in range(self.start, self.steps):
@@ -128,7 +137,10 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum "
                          f"({dist.world_size}*{cfg.grad_accum})")
-    sampler = StepBatches(len(dataset), cfg.batch_size, cfg.steps, start, seed, dist.rank, dist.world_size)
+    # epochs count source images (a flipped copy is a variant, not another image); see StepBatches
+    sampler = StepBatches(getattr(dataset, "num_source_images", len(dataset)), cfg.batch_size, cfg.steps, start,
+                          seed, dist.rank, dist.world_size, group_sizes=getattr(dataset, "row_group_sizes", None),
+                          variants=getattr(dataset, "num_variants", 1))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate, persistent_workers=False,
                                          generator=torch.Generator().manual_seed(seed))  # keeps global RNG untouched
