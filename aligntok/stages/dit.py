@@ -57,13 +57,17 @@ class DitRecipe:
         return np.concatenate(list(to_uint8_nhwc(imgs)), axis=1)
 
 
-def resolve_steps(cfg: DitConfig, dataset_len: int) -> tuple[int, float]:
-    """(steps, epochs): `dit.epochs`, when set, decides the length; both are logged."""
+def resolve_steps(cfg: DitConfig, num_images: int) -> tuple[int, float]:
+    """(steps, epochs): `dit.epochs`, when set, decides the length; both are logged.
+
+    An epoch is one pass over the source images: a cached flipped copy is a variant of its image (the sampler
+    draws one per position), not a second image, so flips do not halve the epochs.
+    """
     if cfg.epochs is not None:
-        steps = max(1, math.ceil(cfg.epochs * dataset_len / cfg.batch_size))
+        steps = max(1, math.ceil(cfg.epochs * num_images / cfg.batch_size))
     else:
         steps = cfg.steps
-    return steps, steps * cfg.batch_size / dataset_len
+    return steps, steps * cfg.batch_size / num_images
 
 
 def run(params: Params, args) -> int:
@@ -78,7 +82,7 @@ def run(params: Params, args) -> int:
     data = LatentDataset(LATENTS_DIR, tok_hash)
     c, h, _ = data.manifest["latent_shape"]
     cfg = params.dit
-    steps, epochs = resolve_steps(cfg, len(data))
+    steps, epochs = resolve_steps(cfg, data.num_source_images)
     cfg = cfg.model_copy(update={"steps": steps})
     model = build_dit(cfg.model, input_size=h, in_channels=c, num_classes=data.num_classes,
                       class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm).to(dist.device)
@@ -103,7 +107,7 @@ def run(params: Params, args) -> int:
             metrics = {"final_loss": hist[-1]["loss"] if hist else float("nan"),
                        "first_loss": hist[0]["loss"] if hist else float("nan"),
                        "steps": result["step"], "epochs": epochs, "latents": len(data),
-                       "ema": bool(result["ema"])}
+                       "images": data.num_source_images, "ema": bool(result["ema"])}
             write_metrics("train-dit", metrics, tracker)
             write_plots("train-dit", hist)
             tracker.log_artifact(DIT_DIR, "model")
