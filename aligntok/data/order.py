@@ -4,19 +4,23 @@ Because an epoch's order is a permutation and depends on nothing but (seed, epoc
 can cut it into disjoint, complete per-rank parts and a resumed run sees exactly the batches it would have seen.
 
 Locality (`group_sizes` given: the sizes of the row groups the rows are stored in, in file order): the epoch
-visits row groups in a random order and shuffles rows only within a window of `window` consecutive row groups
-of that order. A batch therefore touches at most ~(batch / rows per window + 1) windows, i.e. a bounded number
-of row groups, and each is read once per batch instead of once per sample. The trade-off: two rows stored in the
-same row group land within one window (16 x 32 = 512 positions) of each other in the epoch, so a batch mixes
-samples from a few dozen row groups rather than from the whole set. Row groups hold consecutive source items,
-which `prepare` interleaves across classes, so a window still spans many classes; across epochs the row-group
-order and the windows' contents change. Latents (O(1) random access) use a full permutation instead.
+visits row groups in a random order and shuffles rows only within a window of `window` (8) consecutive row
+groups of that order. A batch of B rows therefore touches at most ~(B / rows per window + 1) windows, and the
+reader reads each row group a batch touches once. ImageNet numbers (row groups of 32, global batch 256 on 8
+ranks): a global batch is 8 row groups, each rank's 32 samples touch ~8 of them, and all ranks read the same
+ones at the same time, so the disk reads each row group about once per epoch (the page cache serves the rest).
+The trade-off: rows stored in one row group land within one window (8 x 32 = 256 positions) of each other, so
+a batch holds samples from a few row groups instead of from anywhere in the set, and rows of a row group often
+share a batch. Row groups hold consecutive source items, which `prepare` interleaves across classes (a row
+group spans 32 classes), and the row-group order and the windows change every epoch. A full shuffle (window =
+all row groups) would make every sample of every batch a read of its own row group. Latents (O(1) random
+access) use a full permutation.
 """
 from __future__ import annotations
 
 import numpy as np
 
-WINDOW_GROUPS = 16
+WINDOW_GROUPS = 8
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, group_sizes=None, window: int = WINDOW_GROUPS) -> np.ndarray:

@@ -35,8 +35,10 @@ class ShardWriter:
     def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS):
         self.path, self.row_group_rows = Path(path), row_group_rows
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        # PNG bytes do not compress further; statistics only where they are small and useful
-        self._writer = pq.ParquetWriter(self.tmp, SCHEMA, compression="none", write_statistics=["key", "label"])
+        # PNG bytes neither compress nor repeat: no compression, and dictionaries and statistics only for the
+        # small columns (a dictionary over the image column would only be built to be thrown away)
+        self._writer = pq.ParquetWriter(self.tmp, SCHEMA, compression="none", use_dictionary=["label", "class_name"],
+                                        write_statistics=["key", "label"])
         self._pending: list[dict] = []
         self.rows = 0
 
