@@ -1,5 +1,6 @@
-"""`aligntok bench prepare`: images/s of prepare (synthetic and a JPEG image folder) and of a DataLoader over the
-shards, against the single-core PIL decode + centre-crop rate of the same JPEGs measured in the same run."""
+"""`aligntok bench prepare`: images/s of prepare (synthetic and a JPEG image folder; one process and every core)
+and of a DataLoader over the shards in training order, against the single-core PIL decode + centre-crop rate of
+the same JPEGs measured in the same run."""
 from __future__ import annotations
 
 import io
@@ -14,6 +15,7 @@ from PIL import Image
 from aligntok.data.dataset import ShardDataset
 from aligntok.data.sources import center_crop, prepare_dataset
 from aligntok.data.synthetic import synthetic_image
+from aligntok.train.loop import StepBatches
 
 JPEG_SIZE = (500, 375)  # a typical ImageNet photo
 
@@ -45,8 +47,10 @@ def _pil_limit(datas: list[bytes], resolution: int) -> float:
 
 
 def _loader_rate(data_dir: Path, num_workers: int) -> float:
+    """One epoch in the training loop's order (row-group-local batches of 32, read by the streaming reader)."""
     ds = ShardDataset(data_dir, "train")
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, num_workers=num_workers)
+    sampler = StepBatches(len(ds), 32, -(-len(ds) // 32), 0, seed=0, group_sizes=ds.row_group_sizes)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=num_workers)
 
     def go():
         for _ in loader:
@@ -63,24 +67,31 @@ def run(out_dir: Path | None = None, resolutions=(64, 256), num_images: int = 25
         paths = _write_jpegs(src, num_images)
         datas = [p.read_bytes() for p in paths]
         figures = {}
+        cores = os.cpu_count() or 1
         for res in resolutions:
+            # ~4 shards (units of work) per core, so every worker process stays busy
             common = dict(resolution=res, num_images=num_images, num_classes=10, val_fraction=0.0,
-                          shard_rows=1024, seed=0)
+                          shard_rows=max(8, num_images // (4 * cores)), seed=0)
             limit = _pil_limit(datas, res)
-            synth = _rate(num_images, lambda: prepare_dataset("synthetic", base / f"synthetic-{res}", root=None,
-                                                              **common))
-            folder = _rate(num_images, lambda: prepare_dataset("imagefolder", base / f"folder-{res}", root=src,
-                                                               **common))
+            rates = {}
+            for name, source, root in (("synthetic", "synthetic", None), ("imagefolder", "imagefolder", src)):
+                for workers in (1, cores):  # a fresh folder each time: a finished one would only be resumed
+                    out = base / f"{name}-{res}-w{workers}"
+                    rates[name, workers] = _rate(num_images, lambda: prepare_dataset(
+                        source, out, root=root, workers=workers, **common))
+            folder = rates["imagefolder", 1]
             figures[str(res)] = {
                 "pil_decode_crop_1core_img_s": round(limit, 1),
-                "prepare_synthetic_img_s": round(synth, 1),
+                "prepare_synthetic_img_s": round(rates["synthetic", 1], 1),
                 "prepare_imagefolder_img_s": round(folder, 1),
+                f"prepare_synthetic_{cores}proc_img_s": round(rates["synthetic", cores], 1),
+                f"prepare_imagefolder_{cores}proc_img_s": round(rates["imagefolder", cores], 1),
                 "prepare_imagefolder_vs_pil_limit": round(folder / limit, 3),
-                "prepare_synthetic_vs_pil_limit": round(synth / limit, 3),
-                "loader_workers0_img_s": round(_loader_rate(base / f"folder-{res}", 0), 1),
-                "loader_workers2_img_s": round(_loader_rate(base / f"folder-{res}", 2), 1),
+                "prepare_synthetic_vs_pil_limit": round(rates["synthetic", 1] / limit, 3),
+                "loader_workers0_img_s": round(_loader_rate(base / f"imagefolder-{res}-w1", 0), 1),
+                "loader_workers2_img_s": round(_loader_rate(base / f"imagefolder-{res}-w1", 2), 1),
             }
     return {"num_images": num_images, "jpeg_size": list(JPEG_SIZE), "cpu_count": os.cpu_count(),
             "note": "prepare also PNG-encodes and writes shards; the PIL limit only decodes and crops. "
-                    "Loader rates include worker start-up.",
+                    "Multi-process prepare and loader rates include process start-up.",
             "resolutions": figures}
