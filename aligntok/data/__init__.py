@@ -1,1 +1,3 @@
-"""Data: sources -> parquet shards + manifest (`sources`), datasets over shards (`dataset`), latent cache."""
+"""Data: sources -> parquet shards + manifest (`sources`, per-shard work units in `units`, per-image conversion in
+`images`), streaming datasets over shards (`dataset` on `reader`, training order in `order`), latent cache
+(`latents`, memory-mapped)."""
