@@ -16,7 +16,8 @@ import torch
 from aligntok.io import write_bytes_atomic
 
 EIG_TOL = 1e-6  # negative eigenvalues beyond this fraction of the largest mean broken statistics
-ROW_BATCH = 1024
+ROW_BATCH = 1024  # precision/recall distance blocks: ROW_BATCH x COL_BATCH float64 at a time
+COL_BATCH = 8192
 
 
 class MetricError(ValueError):
@@ -106,32 +107,46 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
-    return np.clip((a * a).sum(1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T), 0, None)
+def _sq_dists(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
+    return ((a * a).sum(1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)).clamp_min(0)
 
 
-def _knn_radii(f: np.ndarray, k: int) -> np.ndarray:
-    """Squared distance to the k-th nearest neighbour (excluding the point itself), in row batches."""
+def _blocks(n: int, size: int):
+    return ((i, min(n, i + size)) for i in range(0, n, size))
+
+
+def _knn_radii(f: torch.Tensor, k: int) -> torch.Tensor:
+    """Squared distance to the k-th nearest neighbour (excluding the point itself). Rows and columns go in
+    blocks, carrying the k+1 smallest distances per row, so memory is ROW_BATCH x COL_BATCH whatever N is."""
     f_sq = (f * f).sum(1)
-    radii = np.empty(len(f))
-    for i in range(0, len(f), ROW_BATCH):
-        d = _sq_dists(f[i:i + ROW_BATCH], f, f_sq)
-        radii[i:i + ROW_BATCH] = np.partition(d, k, axis=1)[:, k]  # column 0 of the sort is the point itself
+    radii = torch.empty(len(f), dtype=f.dtype, device=f.device)
+    for r0, r1 in _blocks(len(f), ROW_BATCH):
+        best = None
+        for c0, c1 in _blocks(len(f), COL_BATCH):
+            d = _sq_dists(f[r0:r1], f[c0:c1], f_sq[c0:c1])
+            d = d if best is None else torch.cat([best, d], 1)
+            best = torch.topk(d, min(k + 1, d.shape[1]), dim=1, largest=False, sorted=True).values
+        radii[r0:r1] = best[:, k]  # column 0 is the point itself
     return radii
 
 
-def _coverage(queries: np.ndarray, support: np.ndarray, radii: np.ndarray) -> float:
-    """Share of queries inside at least one k-NN ball of the support set."""
+def _coverage(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor) -> float:
+    """Share of queries inside at least one k-NN ball of the support set (blocked like `_knn_radii`)."""
     s_sq = (support * support).sum(1)
     inside = 0
-    for i in range(0, len(queries), ROW_BATCH):
-        inside += int((_sq_dists(queries[i:i + ROW_BATCH], support, s_sq) <= radii[None, :]).any(1).sum())
+    for r0, r1 in _blocks(len(queries), ROW_BATCH):
+        hit = torch.zeros(r1 - r0, dtype=torch.bool, device=queries.device)
+        for c0, c1 in _blocks(len(support), COL_BATCH):
+            hit |= (_sq_dists(queries[r0:r1], support[c0:c1], s_sq[c0:c1]) <= radii[None, c0:c1]).any(1)
+        inside += int(hit.sum())
     return inside / len(queries)
 
 
-def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, float]:
+def precision_recall(real_features, fake_features, k: int = 3, device: torch.device | str = "cpu"
+                     ) -> tuple[float, float]:
     """Precision: share of fakes inside the real manifold (union of real k-NN balls); recall: share of reals
-    inside the fake manifold. Kynkäänniemi et al. 2019 / ADM evaluator, squared Euclidean distances."""
+    inside the fake manifold. Kynkäänniemi et al. 2019 / ADM evaluator (every sample against the reference
+    batch), squared Euclidean distances in float64 on `device` (a GPU makes 50K x 50K distances cheap)."""
     real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise MetricError(f"precision/recall: expected (N, D) arrays of equal D, got {real.shape} and {fake.shape}")
@@ -139,8 +154,9 @@ def precision_recall(real_features, fake_features, k: int = 3) -> tuple[float, f
         raise MetricError(f"precision/recall need more than k={k} real and fake features")
     if not (np.all(np.isfinite(real)) and np.all(np.isfinite(fake))):
         raise MetricError("precision/recall: features contain NaN or Inf")
-    precision = _coverage(fake, real, _knn_radii(real, k))
-    recall = _coverage(real, fake, _knn_radii(fake, k))
+    real_t, fake_t = (torch.from_numpy(a).to(device) for a in (real, fake))
+    precision = _coverage(fake_t, real_t, _knn_radii(real_t, k))
+    recall = _coverage(real_t, fake_t, _knn_radii(fake_t, k))
     return precision, recall
 
 
