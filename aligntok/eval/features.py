@@ -16,6 +16,7 @@ returns (features [N, dim] float64, logits [N, classes] float64).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -50,6 +51,19 @@ def nhwc_to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 class FeatureExtractor(nn.Module):
     name: str
     dim: int
+    _tag: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """name-dim-digest of the weights: what cached features were computed with. Another weights file (a
+        different Inception port) or feature layer gives another tag, so stale caches are never reused."""
+        if self._tag is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._tag = f"{self.name}-{self.dim}-{h.hexdigest()[:12]}"
+        return self._tag
 
     @torch.no_grad()
     def forward(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
