@@ -26,7 +26,7 @@ STAGES = {
     "evaluate": "evaluate",
 }
 # Stages that may run as several processes (torchrun) when launcher.nproc_per_node > 1.
-DISTRIBUTED = {"tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "train-dit", "sample"}
+DISTRIBUTED = {"tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "train-dit", "evaluate", "sample"}
 HELP = {
     "prepare": "build parquet shards + manifest from a synthetic, image-folder or parquet source",
     "tokenizer-stage1": "stage 1: frozen encoder; train adapter + decoder",

@@ -146,6 +146,12 @@ class EvalConfig(Section):
     feature_dim: PosInt | None = None
     labels: Literal["random", "balanced"] = "balanced"
     cfg_scale: Annotated[float, Field(ge=1)] = 4.0  # the with-CFG row; without-CFG always uses 1.0
+    # null: our own reference, every prepared train image (statistics cached under outputs/reference). Or an ADM
+    # reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz): its stored mu/sigma are used for FID as
+    # stored (ADM's protocol, needs fid_backbone: inception), its arr_0 images for precision/recall.
+    # `aligntok evaluate --reference` overrides it.
+    reference: str | None = None
+    amp: bool = True  # bf16 autocast for sampling (DiT + decoder) on CUDA; features stay fp32; inert on CPU
 
 
 class LauncherConfig(Section):

@@ -43,11 +43,21 @@ def load_dit(model_dir: Path, device: torch.device | str = "cpu"):
     return model.to(device).eval(), config
 
 
-def sample_labels(n: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
-    """'balanced': index i gets class i % C (ADM's fixed N/C per class); 'random': seeded uniform labels."""
+def sample_labels(indices, num_classes: int, mode: str, seed: int) -> torch.Tensor:
+    """Class of each sample index. 'balanced': index i gets class i % C (ADM's fixed N/C per class); 'random':
+    a splitmix64 hash of (seed, i) mod C. Either way label i depends only on (seed, i): the same labels come
+    out on 1 or N ranks and for any sample count, so a larger run reuses a smaller run's samples."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if mode == "balanced":
-        return torch.arange(n) % num_classes
-    return torch.randint(0, num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+        return torch.from_numpy(idx % num_classes)
+    if mode != "random":
+        raise ValueError(f"eval.labels: given {mode!r}; expected 'balanced' or 'random'")
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
+        x = idx.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+        for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            x = (x ^ (x >> np.uint64(shift))) * np.uint64(mult)
+        x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x % np.uint64(num_classes)).astype(np.int64))
 
 
 def sample_noise(indices: list[int], shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -62,6 +72,7 @@ class Generator:
     config: dict
     tokenizer: torch.nn.Module
     device: torch.device
+    dit_hash: str = ""  # digest of the DiT weights file (load_generator fills it): part of the sample cache key
 
     @torch.no_grad()
     def latents(self, labels: torch.Tensor, indices: list[int], sample: SampleConfig,
@@ -78,9 +89,13 @@ class Generator:
         return denormalize(z.float(), c["latent_stats"])
 
     @torch.no_grad()
-    def images(self, labels, indices, sample: SampleConfig, cfg_scale: float | None = None) -> torch.Tensor:
-        """Generated images in [-1, 1], Bx3xHxW."""
-        return self.tokenizer.decode(self.latents(labels, indices, sample, cfg_scale)).clamp(-1, 1)
+    def images(self, labels, indices, sample: SampleConfig, cfg_scale: float | None = None,
+               amp: bool = False) -> torch.Tensor:
+        """Generated images in [-1, 1], Bx3xHxW (float32). `amp`: bf16 autocast for the DiT and the decoder,
+        on CUDA only (inert on CPU, where bf16 matmuls are slower and the numbers would change)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and self.device.type == "cuda"):
+            x = self.tokenizer.decode(self.latents(labels, indices, sample, cfg_scale))
+        return x.float().clamp(-1, 1)
 
 
 def load_generator(dit_dir: Path, tokenizer_dir: Path, device: torch.device) -> Generator:
@@ -92,8 +107,10 @@ def load_generator(dit_dir: Path, tokenizer_dir: Path, device: torch.device) -> 
     if config["tokenizer_hash"] != current:
         raise ValueError(f"{dit_dir}: DiT was trained on latents of tokenizer {config['tokenizer_hash']}, "
                          f"but {tokenizer_dir} is {current}; re-run cache-latents and train-dit")
+    from aligntok.stages.tokenizer import file_hash
+
     tokenizer = AlignTokenizer.from_pretrained(tokenizer_dir).to(device).eval()
-    return Generator(dit, config, tokenizer, device)
+    return Generator(dit, config, tokenizer, device, dit_hash=file_hash(Path(dit_dir) / "model.safetensors"))
 
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:

@@ -1,7 +1,8 @@
 """`aligntok sample`: a labelled PNG grid, or (`--npz N`) N uint8 images in ADM's .npz layout.
 
-Batch mode splits sample indices across ranks without duplicates; sample i's label and noise depend only on
-(seed, i), so 1 or N ranks produce the same set of images.
+Batch mode makes the samples as the resumable parts evaluate uses (`aligntok.eval.parts`, same folder and key):
+ranks split the parts, sample i's label and noise depend only on (seed, i), so 1 or N ranks produce the same
+images, a killed run continues, and a later evaluate with the same settings reuses them.
 """
 from __future__ import annotations
 
@@ -11,49 +12,42 @@ import numpy as np
 import torch
 
 from aligntok.config import Params
-from aligntok.generate import labelled_grid, load_generator, sample_labels, to_uint8_nhwc
+from aligntok.generate import labelled_grid, load_generator, to_uint8_nhwc
 from aligntok.stages.common import DIT_DIR, tokenizer_dir
-from aligntok.train.dist import barrier, cleanup, init_distributed
+from aligntok.train.dist import cleanup, init_distributed
 
+def generate_npz(gen, params: Params, n: int, out: Path, *, coord, cfg_scale: float) -> int | None:
+    """Writes `out` on rank 0 once every rank has made its parts; returns the samples generated in this run
+    (rank 0; None elsewhere)."""
+    from aligntok.eval.npz import save_npz_streaming
+    from aligntok.eval.parts import PartStore, Variant, run_parts, sample_key, split_parts
+    from aligntok.stages.evaluate import PARTS_DIR
 
-def generate_npz(gen, params: Params, n: int, out: Path, *, rank: int, world: int, cfg_scale: float | None,
-                 batch_size: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Writes `out` (rank 0, after all ranks finished their parts); returns (images, labels) on rank 0."""
-    from aligntok.data.dataset import partition
-    from aligntok.eval.npz import load_npz_samples, save_npz_samples
-
-    labels = sample_labels(n, gen.config["num_classes"], params.eval.labels, params.sample.seed)
-    mine = list(partition(n, rank, world))
-    imgs = []
-    for b in range(0, len(mine), batch_size):
-        idx = mine[b:b + batch_size]
-        imgs.append(to_uint8_nhwc(gen.images(labels[idx], idx, params.sample, cfg_scale)))
-    part = out.with_name(f".{out.stem}.rank{rank}.npz")
-    save_npz_samples(part, np.concatenate(imgs) if imgs else np.zeros((0, 1, 1, 3), np.uint8), labels[mine].numpy())
-    barrier()
-    if rank != 0:
+    e = params.eval
+    store = PartStore(PARTS_DIR, sample_key(gen, params, gen.device), gen.config["num_classes"], e.labels,
+                      params.sample.seed)
+    parts = split_parts(Variant("", cfg_scale), n, e.batch_size)
+    generated = run_parts(store, parts, coord, gen, params.sample, None, e.amp, label="sample")
+    if not coord.is_main:
         return None
-    parts = [load_npz_samples(out.with_name(f".{out.stem}.rank{r}.npz")) for r in range(world)]
-    order = np.concatenate([np.asarray(list(partition(n, r, world))) for r in range(world)])
-    images = np.concatenate([p[0] for p in parts if len(p[0])])[np.argsort(order)]
-    save_npz_samples(out, images, labels.numpy())
-    for r in range(world):
-        out.with_name(f".{out.stem}.rank{r}.npz").unlink(missing_ok=True)
-    return images, labels.numpy()
+    labels = np.concatenate([store.labels(p) for p in parts])
+    save_npz_streaming(out, n, (store.read(p)["arr_0"] for p in parts), labels)
+    return generated[""]
 
 
 def run(params: Params, args) -> int:
     from aligntok.data.shards import read_manifest
+    from aligntok.eval.coord import Coord
     from aligntok.stages.common import data_dir
 
     dist = init_distributed(params.launcher.device)
     gen = load_generator(DIT_DIR, tokenizer_dir(3), dist.device)
     if args.npz:
         out = Path(args.npz_out)
-        generate_npz(gen, params, args.npz, out, rank=dist.rank, world=dist.world_size,
-                     cfg_scale=args.cfg_scale, batch_size=params.eval.batch_size)
+        scale = params.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
+        made = generate_npz(gen, params, args.npz, out, coord=Coord(dist.rank, dist.world_size), cfg_scale=scale)
         if dist.is_main:
-            print(f"wrote {args.npz} samples to {out}")
+            print(f"wrote {args.npz} samples to {out} ({made} generated now, {args.npz - made} reused)")
     elif dist.is_main:
         c = gen.config["num_classes"]
         per = 4
