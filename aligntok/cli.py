@@ -132,20 +132,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _known_errors() as e:  # bad input or a failed write: one line naming the file, no traceback
         print(f"aligntok: {args.command}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else DIVERGED if type(e).__name__ == "TrainingDiverged" else 1
+        return exit_code(e)
 
 
-DIVERGED = 3  # exit code of a NaN/Inf stop: rerunning the same params would diverge again (no retry)
+BAD_INPUT, DIVERGED, FAILED = 2, 3, 1  # exit codes; 2 and 3 are not worth a retry with the same params
+
+
+def exit_code(e: BaseException) -> int:
+    from aligntok.models.encoder import EncoderLoadError
+    from aligntok.models.tokenizer import TokenizerLoadError
+    from aligntok.train.loop import TrainingDiverged
+    if isinstance(e, TrainingDiverged):
+        return DIVERGED
+    return BAD_INPUT if isinstance(e, (ValueError, EncoderLoadError, TokenizerLoadError)) else FAILED
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what went wrong and where; anything else keeps its traceback."""
     from aligntok.data.latents import LatentCacheError
     from aligntok.data.shards import DataError
+    from aligntok.eval.metrics import MetricError
+    from aligntok.eval.npz import NpzError
+    from aligntok.io import WriteError
+    from aligntok.models.encoder import EncoderLoadError
+    from aligntok.models.tokenizer import TokenizerLoadError
     from aligntok.train.checkpoint import CheckpointWriteError
     from aligntok.train.dist import SharedDirError
     from aligntok.train.loop import TrainingDiverged
-    return DataError, LatentCacheError, CheckpointWriteError, TrainingDiverged, SharedDirError
+    return (DataError, LatentCacheError, NpzError, MetricError, TokenizerLoadError, EncoderLoadError, WriteError,
+            CheckpointWriteError, TrainingDiverged, SharedDirError)
 
 
 def _switch_profile(name: str, target: Path) -> int:

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees a half-written output, and a killed stage leaves the old file."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -8,15 +9,24 @@ from pathlib import Path
 from typing import Any
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only, ...); the previous version of it is intact."""
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        raise WriteError(e.errno, f"{path}: could not be written ({reason}); its previous version is intact") from None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -53,6 +54,19 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|password|passwd|secret|key|sig|signature)=)[^&\s]+")
+
+
+def redact(text: str) -> str:
+    """Credentials in URIs (`https://user:pass@host`, `?token=...`) never reach logs, params, tags or artifacts."""
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+
+
+def param_strings(params: Params) -> dict[str, str]:
+    return {k: redact(str(v))[:500] for k, v in flatten(params.model_dump(mode="json")).items()}
 
 
 def source_commit() -> str | None:
@@ -100,7 +114,7 @@ class Tracker:
     def _fail(self, what: str, err: BaseException) -> None:
         if self.enabled:
             warnings.warn(f"MLflow tracking disabled for stage {self.stage}: {what} failed "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                          f"({type(err).__name__}: {redact(str(err).splitlines()[0]) if str(err) else ''}); "
                           "metrics stay in the local metrics files", RuntimeWarning, stacklevel=3)
         self.enabled = False
 
@@ -130,7 +144,7 @@ class Tracker:
             else:
                 parent = self._parent_run_id()
                 run = mlflow.start_run(run_name=self.stage, parent_run_id=parent, log_system_metrics=True)
-                mlflow.log_params({k: str(v)[:500] for k, v in flatten(self.params.model_dump(mode="json")).items()})
+                mlflow.log_params(param_strings(self.params))
                 self._log_sources()
             mlflow.set_tags(self._tags())
             self.run_id = run.info.run_id
@@ -144,7 +158,7 @@ class Tracker:
         """What the run was made from: params.yaml and dvc.lock as artifacts, the prepared data set as an input."""
         for name in ("params.yaml", "dvc.lock"):
             if Path(name).is_file():
-                self._mlflow.log_artifact(name, "config")
+                self._mlflow.log_text(redact(Path(name).read_text()), f"config/{name}")
         manifest = Path("data") / self.params.data.name / "manifest.json"
         if self.stage != "prepare" and manifest.is_file():
             import json
@@ -260,12 +274,12 @@ def create_parent_run(params: Params, pid: str | None = None) -> str:
                                   "git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
                                   **({"mlflow.source.git.commit": head} if head else {})})
     from mlflow.entities import Param
-    items = [Param(k, str(v)[:500]) for k, v in flatten(params.model_dump(mode="json")).items()]
+    items = [Param(k, v) for k, v in param_strings(params).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start:start + 100])
     for name in ("params.yaml", "dvc.lock"):
         if Path(name).is_file():
-            client.log_artifact(run.info.run_id, name, "config")
+            client.log_text(run.info.run_id, redact(Path(name).read_text()), f"config/{name}")
     return run.info.run_id  # stays RUNNING until the pipeline ends (end_parent_run)
 
 

@@ -205,7 +205,7 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     create_markdown_artifact(markdown=metrics_table(metrics) + mlflow_note(resolved, parent), key="final-metrics",
                              description=f"evaluate.json of {run_dir.name}")
     if parent and tracking_uri(resolved).startswith("http"):
-        create_link_artifact(key="mlflow-run", link=run_url(resolved, parent), link_text="MLflow parent run")
+        create_link_artifact(key="mlflow-run", link=redact(run_url(resolved, parent)), link_text="MLflow parent run")
     return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds, "metrics": metrics,
             "mlflow_parent_run": parent}
 
@@ -240,10 +240,10 @@ def archive_run_dir(run_dir: Path) -> None:
 
 
 def mlflow_note(params, run_id: str | None) -> str:
-    from aligntok.tracking import tracking_uri
+    from aligntok.tracking import redact, tracking_uri
     if not run_id:
         return "\n\nMLflow was unreachable: metrics are in the run's outputs/metrics only."
-    uri = tracking_uri(params)
+    uri = redact(tracking_uri(params))
     how = uri if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`"
     return f"\n\nMLflow parent run `{run_id}` ({how})."
 
