@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aligntok.eval.npz import NpzError
+
 GRID = 40  # samples shown in the labelled PNG
 
 
-class PartError(ValueError):
+class PartError(NpzError):
     """A sample part vanished or broke between generation and scoring (another process touched the folder)."""
 
 

@@ -12,7 +12,6 @@ each rank samples and extracts features on its own device; rank 0 scores.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -151,15 +150,9 @@ def evaluate(params: Params, args, dist) -> int:
 
 
 def run(params: Params, args) -> int:
-    from aligntok.eval.metrics import MetricError
-    from aligntok.eval.npz import NpzError
-    from aligntok.eval.scores import PartError
-
+    """Bad input (NpzError, MetricError) propagates to the CLI, which prints it in one line with exit code 2."""
     dist = init_distributed(params.launcher.device)
     try:
         return evaluate(params, args, dist)
-    except (NpzError, MetricError, PartError) as err:  # bad input: one line naming the file/field, no traceback
-        print(f"aligntok: evaluate: {err}", file=sys.stderr)
-        return 2
     finally:
         cleanup()
