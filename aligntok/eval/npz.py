@@ -78,15 +78,23 @@ def npz_headers(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return out
 
 
-def check_reference_npz(path, stats_dim: int | None) -> bool:
-    """Checks an ADM reference batch (arr_0 images; optional mu/sigma) from its headers; True when it holds
-    mu and sigma. `stats_dim`: the feature dimension the stored statistics must have when they are used."""
+def check_images_npz(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """arr_0 (and arr_1, if any) checked from the headers, before hours of other work; returns the headers."""
     h = npz_headers(path)
     if "arr_0" not in h:
-        raise NpzError(f"{path}: no arr_0 (ADM layout, N x H x W x 3 uint8 reference images); found {sorted(h)}")
+        raise NpzError(f"{path}: no arr_0 (ADM layout, N x H x W x 3 uint8); found {sorted(h)}")
     shape, dtype = h["arr_0"]
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
         raise NpzError(f"{path}: arr_0 must be N x H x W x 3 uint8 with N > 0, got {dtype} {shape}")
+    if "arr_1" in h and (h["arr_1"][0] != (shape[0],) or h["arr_1"][1].kind not in "iu"):
+        raise NpzError(f"{path}: labels must be {shape[0]} integers, got {h['arr_1'][1]} {h['arr_1'][0]}")
+    return h
+
+
+def check_reference_npz(path, stats_dim: int | None) -> bool:
+    """Checks an ADM reference batch (arr_0 images; optional mu/sigma) from its headers; True when it holds
+    mu and sigma. `stats_dim`: the feature dimension the stored statistics must have when they are used."""
+    h = check_images_npz(path)
     if ("mu" in h) != ("sigma" in h):
         raise NpzError(f"{path}: holds only one of mu/sigma; expected both (ADM reference statistics) or neither")
     if "mu" not in h:

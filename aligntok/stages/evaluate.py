@@ -119,9 +119,12 @@ def recon_metrics(params: Params, extractor, device) -> dict:
 
 def evaluate(params: Params, args, dist) -> int:
     from aligntok.eval.coord import Coord
+    from aligntok.eval.npz import check_images_npz
 
     t0 = time.perf_counter()
     coord = Coord(dist.rank, dist.world_size)
+    if args.samples:  # a bad file fails now, not after the reference statistics
+        check_images_npz(args.samples)
     extractor = feature_extractor(params).to(dist.device)
     ref = reference(params, args.reference or params.eval.reference, extractor, coord)
     protocol = protocol_of(params, extractor, ref)
