@@ -189,10 +189,21 @@ class Params(Section):
     launcher: LauncherConfig = LauncherConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    def section_hash(self, *keys: str) -> str:
-        """Stable hash of the named dotted sections, e.g. ('tokenizer.stage1', 'encoder')."""
-        blob = {k: get_dotted(self.model_dump(mode="json"), k) for k in keys}
+    def result_hash(self, *keys: str) -> str:
+        """Stable hash of the named dotted sections (e.g. 'tokenizer.stage1', 'encoder') as far as they change a
+        stage's results: the resume guard, so a new worker count or log interval does not restart from zero."""
+        blob = {k: _without(get_dotted(self.model_dump(mode="json"), k), NOT_RESULTS) for k in keys}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys that change how a run is carried out, not what it computes: changing them must not restart a resumable stage.
+NOT_RESULTS = frozenset({"num_workers", "log_every", "image_every", "ckpt_every"})
+
+
+def _without(tree: Any, drop: frozenset) -> Any:
+    if isinstance(tree, dict):
+        return {k: _without(v, drop) for k, v in tree.items() if k not in drop}
+    return tree
 
 
 def get_dotted(tree: dict, key: str) -> Any:

@@ -67,11 +67,17 @@ def test_flatten_gives_dotted_keys():
     assert "tokenizer.stage2" not in flat
 
 
-def test_section_hash_changes_only_with_its_section():
+def test_result_hash_changes_only_with_what_changes_results():
     a = load_params(ROOT / "params.yaml")
     b = load_params(ROOT / "params.yaml", ["tokenizer.stage3.lr=0.5"])
-    assert a.section_hash("tokenizer.stage1") == b.section_hash("tokenizer.stage1")
-    assert a.section_hash("tokenizer.stage3") != b.section_hash("tokenizer.stage3")
+    assert a.result_hash("tokenizer.stage1") == b.result_hash("tokenizer.stage1")
+    assert a.result_hash("tokenizer.stage3") != b.result_hash("tokenizer.stage3")
+    # how a run is carried out (workers, logging and checkpoint intervals) must not restart a resumable stage
+    c = load_params(ROOT / "params.yaml", ["data.num_workers=3", "tokenizer.stage1.log_every=7",
+                                           "tokenizer.stage1.ckpt_every=9", "dit.image_every=11"])
+    for keys in [("tokenizer.stage1", "encoder", "lpips", "data"), ("dit",)]:
+        assert a.result_hash(*keys) == c.result_hash(*keys)
+    assert a.result_hash("data") != load_params(ROOT / "params.yaml", ["data.hflip=false"]).result_hash("data")
 
 
 def test_cli_config_error_exit_code_2_and_one_line(tmp_path):

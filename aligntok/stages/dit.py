@@ -93,7 +93,7 @@ def run(params: Params, args) -> int:
         tokenizer = AlignTokenizer.from_pretrained(tokenizer_dir(3)).to(dist.device).eval()
         preview = Generator(model, export, tokenizer, dist.device)
     recipe = DitRecipe(model, cfg, data.stats, preview, params.sample)
-    config_hash = state_hash(params.section_hash("dit"), tok_hash, data.manifest["data_content_hash"], params.seed)
+    config_hash = state_hash(params.result_hash("dit"), tok_hash, data.manifest["data_content_hash"], params.seed)
     ckpt_dir = CHECKPOINTS / "train-dit"
     resume = find_checkpoint(ckpt_dir, config_hash)
     with stage_run(params, "train-dit", resume.run_id if resume else None) as tracker:

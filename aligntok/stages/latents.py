@@ -78,8 +78,9 @@ def run(params: Params, args) -> int:
 
     dist = init_distributed(params.launcher.device)
     model_dir = tokenizer_dir(3)
-    tok_hash = tokenizer_hash(model_dir)
+    # load first: a missing or mismatched model.safetensors is reported by the loader in one line
     tokenizer = AlignTokenizer.from_pretrained(model_dir).to(dist.device).eval()
+    tok_hash = tokenizer_hash(model_dir)
     dataset = ShardDataset(data_dir(params), "train")
     data_manifest = read_manifest(data_dir(params))
     work = CHECKPOINTS / "cache-latents" / f"{tok_hash}-{data_manifest['content_hash'][:12]}"
@@ -93,11 +94,7 @@ def run(params: Params, args) -> int:
         seconds = time.perf_counter() - t0
         barrier()
         if dist.is_main:
-            shards = sorted(p.name for p in work.glob("latents-r*.safetensors"))
-            per_shard = params.latents.shard_rows
-            expected = {f"latents-r{r:03d}-{k:05d}.safetensors" for r in range(dist.world_size)
-                        for k in range(-(-len(contiguous_part(len(dataset), r, dist.world_size)) // per_shard))}
-            shards = [s for s in shards if s in expected]
+            shards = expected_shards(work, len(dataset), dist.world_size, params.latents.shard_rows, tok_hash)
             stats = compute_stats([work / s for s in shards])
             with safe_open(str(work / shards[0]), framework="pt") as f:
                 shape = list(f.get_slice("latents").get_shape()[1:])
@@ -124,6 +121,26 @@ def run(params: Params, args) -> int:
                   f"{metrics['images_per_s']:.1f} img/s)")
     cleanup()
     return 0
+
+
+def expected_shards(work: Path, n: int, world: int, shard_rows: int, tok_hash: str) -> list[str]:
+    """Every shard this world size must have written, each checked for its tokenizer and image indices.
+
+    Shards left by a run on another GPU count (other names or other indices) are never mixed in: the cache is
+    complete and exact, or the stage stops with one line.
+    """
+    from aligntok.data.dataset import contiguous_part
+    from aligntok.data.latents import LatentCacheError
+    names = []
+    for r in range(world):
+        part = list(contiguous_part(n, r, world))
+        for k, start in enumerate(range(0, len(part), shard_rows)):
+            name = f"latents-r{r:03d}-{k:05d}.safetensors"
+            if not _shard_done(work / name, tok_hash, part[start:start + shard_rows]):
+                raise LatentCacheError(f"{work / name}: missing or not this run's shard (rank {r} of {world}); "
+                                       "re-run `aligntok cache-latents`")
+            names.append(name)
+    return names
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

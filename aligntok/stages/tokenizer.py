@@ -158,7 +158,7 @@ def run(params: Params, args) -> int:
                                  disc_start=cfg.disc_start, discriminator=disc)
     recipe = TokenizerRecipe(model, disc, loss_fn, cfg, stage, t.kind, target)
     train_set = ShardDataset(data_dir(params), "train")
-    config_hash = state_hash(params.section_hash(f"tokenizer.stage{stage}", "encoder", "lpips", "data"),
+    config_hash = state_hash(params.result_hash(f"tokenizer.stage{stage}", "encoder", "lpips", "data"),
                              tokenizer_config(params), input_hash(params, stage), params.seed)
     ckpt_dir = CHECKPOINTS / name
     resume = find_checkpoint(ckpt_dir, config_hash)
