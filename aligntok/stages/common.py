@@ -29,13 +29,42 @@ def metrics_path(stage: str) -> Path:
     return OUTPUTS / "metrics" / f"{stage}.json"
 
 
+def protocol_path(stage: str) -> Path:
+    """Where a stage's non-numeric facts go: not a DVC metric, so `dvc exp show` keeps only comparable columns."""
+    return OUTPUTS / "protocol" / f"{stage}.json"
+
+
+def split_numbers(d: dict) -> tuple[dict, dict]:
+    """(numbers, the rest) of a nested dict, each keeping the nesting. Bools and None are not numbers: DVC would
+    show them as columns that cannot be diffed."""
+    numbers, rest = {}, {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            n, r = split_numbers(v)
+            if n:
+                numbers[k] = n
+            if r:
+                rest[k] = r
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers[k] = v
+        else:
+            rest[k] = v
+    return numbers, rest
+
+
 def write_metrics(stage: str, metrics: dict, tracker=None, step: int | None = None, path: Path | None = None) -> Path:
-    """The stage's DVC metrics file (always written, so a tracking outage loses nothing), and its numbers to MLflow."""
-    path = path or metrics_path(stage)
-    write_json_atomic(path, metrics)
+    """The stage's DVC metrics file, numbers only, with strings (labels, backbones, hashes) in protocol_path(stage);
+    always written, so a tracking outage loses nothing; its top-level numbers go to MLflow. An explicit `path`
+    (a one-off outside the DAG) gets everything in one file."""
+    numbers, rest = split_numbers(metrics)
+    if path is not None:
+        write_json_atomic(path, metrics)
+    else:
+        path = metrics_path(stage)
+        write_json_atomic(path, numbers)
+        write_json_atomic(protocol_path(stage), rest)
     if tracker is not None:
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                            step=step)
+        tracker.log_metrics({k: v for k, v in numbers.items() if not isinstance(v, dict)}, step=step)
     return path
 
 
