@@ -46,7 +46,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from aligntok import __version__
+
     parser = argparse.ArgumentParser(prog="aligntok", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     for name in [*STAGES, "sample"]:
         p = sub.add_parser(name, help=HELP[name], description=HELP[name])
