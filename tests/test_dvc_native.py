@@ -1,0 +1,172 @@
+"""DVC used the way DVC expects: every param settable with `dvc exp run -S`, deps that are exactly each stage's code,
+metrics files that `dvc exp show` / `dvc metrics diff` can compare (numbers only)."""
+import ast
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.test_pipeline import copy_repo, sh
+
+PARAMS_FILES = ["params.yaml", *sorted(f"profiles/{p.name}" for p in (ROOT / "profiles").glob("*.yaml"))]
+# Imported by every stage but never changes a result (MLflow bookkeeping): no dep, so an MLflow fix reruns nothing.
+BOOKKEEPING = {"aligntok/tracking.py", "aligntok/tracking_journal.py"}
+
+
+def resolved_keys() -> set[str]:
+    from aligntok.config import Params, flatten
+    return set(flatten(Params().model_dump()))
+
+
+@pytest.mark.parametrize("name", PARAMS_FILES)
+def test_params_file_writes_every_resolved_key(name):
+    """A key left to its config.py default cannot be set with `dvc exp run -S` (DVC only edits keys it finds)."""
+    from aligntok.config import flatten
+    missing = sorted(resolved_keys() - set(flatten(yaml.safe_load((ROOT / name).read_text()))))
+    assert not missing, f"{name} lacks {len(missing)} keys: {', '.join(missing)}"
+
+
+def module_file(name: str) -> Path | None:
+    path = ROOT / Path(*name.split("."))
+    for f in (path / "__init__.py", path.with_suffix(".py")):
+        if f.exists():
+            return f
+    return None
+
+
+def imported_modules(f: Path) -> set[str]:
+    """aligntok modules a file imports anywhere (function-local imports too: they run when the stage runs)."""
+    rel = f.relative_to(ROOT).with_suffix("").parts
+    package = rel if f.name == "__init__.py" else rel[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) \
+                if node.level else node.module
+            found |= {base, *(f"{base}.{a.name}" for a in node.names)}
+    return {m for m in found if m.split(".")[0] == "aligntok"}
+
+
+def import_closure(module: str) -> set[str]:
+    """Repo-relative files of `module` and everything it imports within aligntok, with their packages' __init__s
+    (aligntok/__init__.py aside: it only holds the version)."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        f = module_file(name)
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(2, len(parts))]
+        todo += imported_modules(f)
+    return {str(f.relative_to(ROOT)) for f in seen}
+
+
+def code_deps(stage: dict) -> set[str]:
+    """A stage's deps under aligntok/, directories expanded to their .py files."""
+    files = set()
+    for dep in stage["deps"]:
+        path = ROOT / dep
+        if dep.startswith("aligntok/"):
+            files |= {str(p.relative_to(ROOT)) for p in path.rglob("*.py")} if path.is_dir() else {dep}
+    return files
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_deps_are_each_stages_import_closure():
+    from aligntok.cli import STAGES
+    for name, stage in dvc_stages().items():
+        closure = import_closure(f"aligntok.stages.{STAGES[name]}") - BOOKKEEPING
+        deps = code_deps(stage)
+        assert not closure - deps, f"{name}: imports missing from deps: {sorted(closure - deps)}"
+        assert not deps - closure, f"{name}: deps it never imports: {sorted(deps - closure)}"
+    for name in ("prepare", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents"):
+        assert "aligntok/models/dit.py" not in code_deps(dvc_stages()[name]), name
+
+
+def test_write_metrics_keeps_strings_out_of_the_metrics_file(tmp_path, monkeypatch):
+    from aligntok.stages.common import write_metrics
+    monkeypatch.chdir(tmp_path)
+    write_metrics("evaluate", {"gfid": 1.5, "n": 3, "protocol": {"fid_backbone": "x", "feature_dim": 64},
+                               "run": {"device": "cpu", "wall_s": 2.0}, "ok": True})
+    assert json.loads(Path("outputs/metrics/evaluate.json").read_text()) == {
+        "gfid": 1.5, "n": 3, "protocol": {"feature_dim": 64}, "run": {"wall_s": 2.0}}
+    assert json.loads(Path("outputs/protocol/evaluate.json").read_text()) == {
+        "protocol": {"fid_backbone": "x"}, "run": {"device": "cpu"}, "ok": True}
+
+
+def test_metrics_plots_and_protocol_reach_git_other_outputs_do_not():
+    def ignored(path):
+        return sh(["git", "check-ignore", "-q", path], ROOT, check=False).returncode == 0
+    assert not any(ignored(p) for p in ("outputs/metrics/evaluate.json", "outputs/plots/train-dit.csv",
+                                        "outputs/protocol/evaluate.json"))
+    assert all(ignored(p) for p in ("outputs/eval/samples.npz", "outputs/latents/x", "outputs/reference/x"))
+
+
+def set_args(value_of: dict) -> list[str]:
+    return [a for k, v in value_of.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+
+
+@pytest.fixture(scope="module")
+def recorded_repo(tmp_path_factory):
+    """A repo copy whose dvc.lock records every stage as done (placeholder outs, `dvc commit`): status checks
+    without running the DAG."""
+    repo = copy_repo(tmp_path_factory.mktemp("dvc") / "aligntok")
+    for stage in dvc_stages().values():
+        for out in stage.get("outs", []):
+            path = repo / str(out).replace("${data.name}", "synthetic")
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "placeholder").write_text("x")
+        for kind in ("metrics", "plots"):
+            for item in stage.get(kind, []):
+                path = repo / next(iter(item))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("{}" if path.suffix == ".json" else "step,loss\n0,1\n")
+    sh(["dvc", "commit", "-f", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "recorded"], repo)
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
+    return repo
+
+
+def test_every_resolved_param_can_be_set_with_dvc_exp_run(recorded_repo):
+    """All keys at once, each to its own value; then dit.qk_norm=true, which failed while the key was only a
+    config.py default. Queued, not run: DVC applies -S when it queues."""
+    from aligntok.config import flatten, load_params
+    values = flatten(load_params(recorded_repo / "params.yaml").model_dump())
+    try:
+        for args in (set_args(values), ["-S", "dit.qk_norm=true"]):
+            proc = sh(["dvc", "exp", "run", "--queue", *args], recorded_repo)
+            assert "Queued experiment" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        queued = sh(["dvc", "exp", "show", "--json", "--rev", "HEAD"], recorded_repo).stdout
+        assert "qk_norm" in queued
+    finally:
+        sh(["dvc", "queue", "remove", "--all"], recorded_repo)
+        sh(["git", "checkout", "--", "params.yaml"], recorded_repo)
+
+
+def test_editing_the_dit_reruns_only_dit_stages(recorded_repo):
+    dit = recorded_repo / "aligntok/models/dit.py"
+    original = dit.read_text()
+    dit.write_text(original + "\n# edited\n")
+    try:
+        status = sh(["dvc", "status", "--json"], recorded_repo).stdout
+    finally:
+        dit.write_text(original)
+    assert set(json.loads(status)) == {"train-dit", "evaluate"}, status
+
+
+def test_python_m_aligntok_and_version():
+    from aligntok import __version__
+    proc = sh([sys.executable, "-m", "aligntok", "--version"], ROOT)
+    assert proc.stdout.strip() == f"aligntok {__version__}"
