@@ -30,9 +30,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# Semantic-preservation sweep as DVC experiments: queued (one per value), run by JOBS workers, then compared
+# by DVC (committed metrics) and by MLflow. Fails if any experiment failed.
+JOBS ?= 1
 ablation: $(STAMP)
-	dvc exp run --temp -n sp-on -S tokenizer.stage2.semantic_weight=1.0
-	dvc exp run --temp -n sp-off -S tokenizer.stage2.semantic_weight=0.0
+	dvc exp run --queue -S 'tokenizer.stage2.semantic_weight=0,0.5,1'
+	dvc queue start -j $(JOBS)
+	while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
+	! dvc queue status | grep -q Failed
+	dvc exp show --md --only-changed
 	aligntok compare
 
 bench: $(STAMP)
