@@ -16,6 +16,7 @@ def reconstruction_metrics(model, dataset, *, num_images: int, device: torch.dev
     """
     from aligntok.eval.metrics import feature_stats, frechet_distance
     from aligntok.eval.recon import psnr, ssim, to_uint8
+    from aligntok.train.loop import bf16_autocast
 
     was_training = model.training
     model.eval()
@@ -27,13 +28,15 @@ def reconstruction_metrics(model, dataset, *, num_images: int, device: torch.dev
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         x = torch.stack([it[0] for it in items]).to(device)
-        z = model.encode(x)
-        x_rec = model.decode(z).clamp(-1, 1)
+        with bf16_autocast(device):  # CUDA only; the metrics below are computed in float32
+            z = model.encode(x).float()
+            x_rec = model.decode(z).float().clamp(-1, 1)
         sums["psnr"] += float(psnr(x_rec, x).clamp(max=100).sum())
         sums["ssim"] += float(ssim(x_rec, x).sum())
         if lpips_fn is not None:
             sums["lpips"] += float(lpips_fn(x_rec, x).sum())
-        z_ref = reference.encode(x) if reference is not None else z
+        with bf16_autocast(device):
+            z_ref = reference.encode(x).float() if reference is not None else z
         sums["semantic_cosine"] += float(F.cosine_similarity(z, z_ref, dim=1).mean(dim=(1, 2)).sum())
         if extractor is not None:
             real_feats.append(extractor(to_uint8(x).cpu())[0])

@@ -10,12 +10,13 @@ class_dropout_prob == 0), so CFG works with any dropout setting.
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import cache, partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from aligntok.diffusion.sampler import combine_cfg
 
@@ -109,6 +110,11 @@ class Block(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+@cache
+def _compiled_block_forward(mode: str | None) -> Callable:
+    return torch.compile(Block.forward, mode=mode)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -150,7 +156,19 @@ class LightningDiT(nn.Module):
         self.norm_final = norm(hidden_size)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
+        # recompute each block's activations in backward instead of storing them (training only): trades about
+        # one extra forward for a per-block activation footprint, for larger per-GPU batches
+        self.grad_checkpointing = False
+        self.compile_mode: str | None = None  # set by compile_blocks
+        self.compiled = False
         self.initialize_weights()
+
+    def compile_blocks(self, mode: str | None = None) -> None:
+        """Run every block through one torch.compile'd Block.forward (identical blocks share one graph).
+
+        Only a flag is stored: parameter names and state_dict keys stay the eager model's, and a deepcopy (the
+        EMA) gets its own parameters rather than a compiled wrapper bound to this model's blocks."""
+        self.compile_mode, self.compiled = mode, True
 
     def initialize_weights(self):
         def basic(m):
@@ -183,8 +201,13 @@ class LightningDiT(nn.Module):
         b, _, h, w = x.shape
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(timestep_embedding(t)) + self.y_embedder(self.drop_labels(y))
+        run = _compiled_block_forward(self.compile_mode) if self.compiled else Block.__call__
+        remat = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            tokens = blk(tokens, c, self.rope)
+            if remat:  # non-reentrant: works with DDP, autocast and inputs that need no grad
+                tokens = checkpoint(run, blk, tokens, c, self.rope, use_reentrant=False)
+            else:
+                tokens = run(blk, tokens, c, self.rope)
         shift, scale = self.final_modulation(c).chunk(2, dim=1)
         out = self.final_linear(modulate(self.norm_final(tokens), shift, scale))
         p, g = self.patch_size, self.grid

@@ -11,7 +11,7 @@ from aligntok.data.latents import LatentDataset, normalize
 from aligntok.stages.common import CHECKPOINTS, DIT_DIR, LATENTS_DIR, tokenizer_dir, write_metrics, write_plots
 from aligntok.train.checkpoint import find_checkpoint
 from aligntok.train.dist import cleanup, init_distributed
-from aligntok.train.loop import state_hash, train
+from aligntok.train.loop import adamw, state_hash, train
 from aligntok.tracking import stage_run
 
 
@@ -22,8 +22,8 @@ class DitRecipe:
         self.model = self.net = model
         self.stats, self.generator, self.sample_cfg = stats, generator, sample_cfg
         self.flow = FlowMatching(timestep_sampling=cfg.timestep_sampling, use_cosine_loss=cfg.cosine_loss)
-        self._opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                      weight_decay=cfg.weight_decay)
+        self._opt = adamw(model.parameters(), next(model.parameters()).device, lr=cfg.lr,
+                          betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
     def modules(self):
         return {"dit": self.model}
@@ -86,6 +86,9 @@ def run(params: Params, args) -> int:
     cfg = cfg.model_copy(update={"steps": steps})
     model = build_dit(cfg.model, input_size=h, in_channels=c, num_classes=data.num_classes,
                       class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm).to(dist.device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.compile:
+        model.compile_blocks()
     export = {"model": cfg.model, "input_size": h, "in_channels": c, "num_classes": data.num_classes,
               "qk_norm": cfg.qk_norm, "latent_stats": data.stats, "tokenizer_hash": tok_hash}
     preview = None

@@ -22,6 +22,7 @@ from aligntok.data.latents import MANIFEST, compute_stats
 from aligntok.io import replace_dir, write_json_atomic
 from aligntok.stages.common import CHECKPOINTS, LATENTS_DIR, data_dir, tokenizer_dir, write_metrics
 from aligntok.train.dist import barrier, cleanup, init_distributed
+from aligntok.train.loop import bf16_autocast
 from aligntok.tracking import stage_run
 
 
@@ -55,9 +56,10 @@ def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank:
             for b in range(0, len(block), batch_size):
                 items = [dataset[i] for i in block[b:b + batch_size]]
                 x = torch.stack([it[0] for it in items]).to(device)
-                zs.append(tokenizer.encode(x).float().cpu())
-                if hflip:
-                    zfs.append(tokenizer.encode(x.flip(-1)).float().cpu())
+                with bf16_autocast(device):  # CUDA only: CPU caches stay bit-identical
+                    zs.append(tokenizer.encode(x).float().cpu())
+                    if hflip:
+                        zfs.append(tokenizer.encode(x.flip(-1)).float().cpu())
                 labels += [it[1] for it in items]
                 encoded += len(items)
             tensors = {"latents": torch.cat(zs), "labels": torch.tensor(labels, dtype=torch.int64),

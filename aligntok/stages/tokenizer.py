@@ -20,7 +20,7 @@ from aligntok.stages.common import (CHECKPOINTS, data_dir, feature_extractor, to
                                     write_plots)
 from aligntok.train.checkpoint import find_checkpoint
 from aligntok.train.dist import cleanup, init_distributed
-from aligntok.train.loop import state_hash, train
+from aligntok.train.loop import adamw, state_hash, train
 from aligntok.tracking import stage_run
 
 
@@ -61,11 +61,10 @@ class TokenizerRecipe:
             if name in parts:
                 lr = getattr(cfg, "encoder_lr", cfg.lr) if name == "encoder" and kind == "aligntok" else cfg.lr
                 groups.append({"params": list(getattr(model, name).parameters()), "lr": lr, "name": name})
-        betas = (cfg.beta1, cfg.beta2)
-        self._opts = {"generator": torch.optim.AdamW(groups, betas=betas, weight_decay=cfg.weight_decay)}
+        betas, device = (cfg.beta1, cfg.beta2), next(model.parameters()).device
+        self._opts = {"generator": adamw(groups, device, betas=betas, weight_decay=cfg.weight_decay)}
         if discriminator is not None and cfg.disc_weight > 0:
-            self._opts["discriminator"] = torch.optim.AdamW(discriminator.parameters(), lr=cfg.disc_lr,
-                                                            betas=(0.5, 0.9))
+            self._opts["discriminator"] = adamw(discriminator.parameters(), device, lr=cfg.disc_lr, betas=(0.5, 0.9))
 
     def modules(self):
         mods = {"tokenizer": self.model}

@@ -7,6 +7,7 @@ preview images, atomic checkpoints with automatic resume, and a clear stop on a 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -112,6 +113,27 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def cuda_fast_math(device: torch.device) -> None:
+    """TF32 matmuls/convolutions on CUDA (about 2x fp32 GEMM throughput on A100/H100 for ~1e-3 relative
+    rounding, below what bf16 autocast already accepts). A no-op on CPU, so CPU results never change."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, a null context elsewhere: CPU autocast would change CPU results (and be slow)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def adamw(params, device: torch.device, **kw) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step on CUDA (the per-parameter launches dominate small-batch steps);
+    the CPU keeps the default implementation so CPU results stay bit-identical to before."""
+    return torch.optim.AdamW(params, fused=True if device.type == "cuda" else None, **kw)
+
+
 def state_hash(*parts: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -131,9 +153,16 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
         start, history = resume.step, [h for h in resume.history if h["step"] <= resume.step]
         if ema:
             ema.updates = start
+    cuda_fast_math(dist.device)
+    wrapped: list[nn.parallel.DistributedDataParallel] = []
     if dist.world_size > 1:
         ddp_kw = {"device_ids": [dist.device.index]} if dist.device.type == "cuda" else {}
-        recipe.wrap(lambda m: nn.parallel.DistributedDataParallel(m, **ddp_kw))
+
+        def ddp(m: nn.Module) -> nn.Module:
+            # bucket views: gradients live in the all-reduce buckets, saving one copy and one grad-sized buffer
+            wrapped.append(nn.parallel.DistributedDataParallel(m, gradient_as_bucket_view=True, **ddp_kw))
+            return wrapped[-1]
+        recipe.wrap(ddp)
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum "
                          f"({dist.world_size}*{cfg.grad_accum})")
@@ -143,8 +172,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                           variants=getattr(dataset, "num_variants", 1))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=collate, persistent_workers=False,
+                                         pin_memory=dist.device.type == "cuda",  # lets _to copy asynchronously
                                          generator=torch.Generator().manual_seed(seed))  # keeps global RNG untouched
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and dist.device.type == "cuda" else None
     run_id = tracker.run_id if tracker else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
     window: dict[str, list[float]] = {}
@@ -159,18 +188,21 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         logs_acc: dict[str, float] = {}
-        for micro in _split(batch, cfg.grad_accum):
+        micros = _split(batch, cfg.grad_accum)
+        for i, micro in enumerate(micros):
             if hflip:
                 micro = _flip_half(micro, flip)
-            with amp if amp else _null():
-                losses, logs = recipe.losses(micro, step)
-            total = sum(v for v in losses.values() if v is not None)
-            for name, v in losses.items():
-                if v is not None and not torch.isfinite(v.detach()).all():
-                    last = ckpt_dir / (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
-                    raise TrainingDiverged(f"{desc}: loss '{name}' is {v.item()} at step {step}; stopped. "
-                                           f"Last good checkpoint kept: {last or 'none yet'}")
-            (total / cfg.grad_accum).backward()
+            # DDP all-reduces only on the last micro-batch: the earlier ones accumulate locally (no_sync)
+            with _no_sync(wrapped, i < len(micros) - 1):
+                with bf16_autocast(dist.device, cfg.amp):
+                    losses, logs = recipe.losses(micro, step)
+                total = sum(v for v in losses.values() if v is not None)
+                for name, v in losses.items():
+                    if v is not None and not torch.isfinite(v.detach()).all():
+                        last = ckpt_dir / (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
+                        raise TrainingDiverged(f"{desc}: loss '{name}' is {v.item()} at step {step}; stopped. "
+                                               f"Last good checkpoint kept: {last or 'none yet'}")
+                (total / cfg.grad_accum).backward()
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / cfg.grad_accum
         for name, opt in optimizers.items():
@@ -213,12 +245,13 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
     return {"history": history, "ema": ema.shadow if ema else {}, "step": max(step + 1, start)}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _no_sync(wrapped: list[nn.Module], skip: bool) -> contextlib.ExitStack:
+    """Every DDP module's no_sync() when `skip` (a micro-batch before the last), else nothing."""
+    stack = contextlib.ExitStack()
+    if skip:
+        for m in wrapped:
+            stack.enter_context(m.no_sync())
+    return stack
 
 
 def _to(batch, device):
