@@ -123,6 +123,8 @@ class DitConfig(TrainConfig):
     qk_norm: bool = False
     timestep_sampling: Literal["lognormal", "uniform"] = "lognormal"
     cosine_loss: bool = True
+    compile: bool = False  # torch.compile the DiT blocks (slow first step; pays off on long GPU runs)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
 
 class SampleConfig(Section):
@@ -197,7 +199,8 @@ class Params(Section):
 
 
 # Keys that change how a run is carried out, not what it computes: changing them must not restart a resumable stage.
-NOT_RESULTS = frozenset({"num_workers", "log_every", "image_every", "ckpt_every"})
+NOT_RESULTS = frozenset({"num_workers", "log_every", "image_every", "ckpt_every",
+                         "compile", "grad_checkpointing"})
 
 
 def _without(tree: Any, drop: frozenset) -> Any:
