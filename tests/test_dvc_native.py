@@ -123,15 +123,14 @@ def recorded_repo(tmp_path_factory):
     without running the DAG."""
     repo = copy_repo(tmp_path_factory.mktemp("dvc") / "aligntok")
     for stage in dvc_stages().values():
-        for out in stage.get("outs", []):
-            path = repo / str(out).replace("${data.name}", "synthetic")
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "placeholder").write_text("x")
-        for kind in ("metrics", "plots"):
-            for item in stage.get(kind, []):
-                path = repo / next(iter(item))
+        for item in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
+            path = repo / (item if isinstance(item, str) else next(iter(item))).replace("${data.name}", "synthetic")
+            if path.suffix in (".json", ".csv"):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("{}" if path.suffix == ".json" else "step,loss\n0,1\n")
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "placeholder").write_text("x")
     sh(["dvc", "commit", "-f", "-q"], repo)
     sh(["git", "add", "-A"], repo)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "recorded"], repo)
@@ -170,3 +169,24 @@ def test_python_m_aligntok_and_version():
     from aligntok import __version__
     proc = sh([sys.executable, "-m", "aligntok", "--version"], ROOT)
     assert proc.stdout.strip() == f"aligntok {__version__}"
+
+
+@pytest.mark.slow
+def test_two_experiments_compare_with_numbers(tmp_path):
+    """Two `dvc exp run` variants on the ci profile: DVC shows both with numbers (no `!`: the metrics reached the
+    experiment commits), compactly with --only-changed, and diffs their metrics."""
+    import os
+    repo = copy_repo(tmp_path / "aligntok")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sh([sys.executable, "-m", "aligntok", "profile", "ci"], repo, env)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "ci profile"], repo)
+    for name, weight in (("sp-on", 1), ("sp-off", 0)):
+        sh(["dvc", "exp", "run", "-n", name, "-S", f"tokenizer.stage2.semantic_weight={weight}"], repo, env)
+    table = sh(["dvc", "exp", "show", "--md", "--only-changed"], repo, env).stdout
+    rows = [line for line in table.splitlines() if "sp-on" in line or "sp-off" in line]
+    assert len(rows) == 2 and "!" not in "".join(rows), table
+    assert table.splitlines()[0].count("|") < 40, table.splitlines()[0]
+    diff = json.loads(sh(["dvc", "metrics", "diff", "sp-on", "sp-off", "--json"], repo, env).stdout)
+    evaluate = diff["outputs/metrics/evaluate.json"]
+    assert all(isinstance(v["old"], (int, float)) and isinstance(v["new"], (int, float)) for v in evaluate.values())
+    assert "rfid" in evaluate or "gfid" in evaluate, evaluate
