@@ -1,23 +1,9 @@
 """DVC at scale: big outs are linked between the workspace and the cache, never copied (`.dvc/config`)."""
 import os
 import sys
-from pathlib import Path
 
+from aligntok.bench.scale import unique_bytes as _unique_bytes
 from tests.test_pipeline import copy_repo, sh
-
-
-def _unique_bytes(*roots: Path) -> int:
-    """Disk bytes of the files under `roots`, a hard-linked file counted once and symlinks not at all."""
-    seen, total = set(), 0
-    for root in roots:
-        for path in root.rglob("*"):
-            if path.is_symlink() or not path.is_file():
-                continue
-            st = path.stat()
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
 
 
 def test_prepared_data_is_linked_not_copied(tmp_path):
@@ -43,3 +29,12 @@ def test_prepared_data_is_linked_not_copied(tmp_path):
     sh(["dvc", "checkout", "prepare"], wt, env)
     for shard in sorted((wt / "data" / "synthetic").rglob("*.parquet")):
         assert shard.is_symlink() or shard.stat().st_nlink >= 3, shard  # workspace + cache + worktree
+
+
+def test_bench_measures_a_process_trees_peak_memory(tmp_path):
+    """The scale benchmark's yardstick: a child that holds 200 MB must show up in its parent's tree figure."""
+    from aligntok.bench.scale import measured
+    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time; b = bytearray(200 << 20); b[::4096] = b\"x\" * len(b[::4096]); time.sleep(1.5)'])")
+    fig = measured([sys.executable, "-c", code], tmp_path, dict(os.environ))
+    assert fig["peak_rss_mb"] >= 200, fig  # the child's touched pages, plus two interpreters
