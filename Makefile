@@ -46,3 +46,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf outputs checkpoints data mlflow.db mlartifacts
+
+# One prepared GPU measurement (DiT train/sample, tokenizer stage 2); without CUDA it exits 0 with one line.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) -m aligntok.bench.gpu_check --out outputs/gpu_check.json
