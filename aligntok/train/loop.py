@@ -199,7 +199,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                 total = sum(v for v in losses.values() if v is not None)
                 for name, v in losses.items():
                     if v is not None and not torch.isfinite(v.detach()).all():
-                        last = ckpt_dir / (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").exists() else None
+                        latest = ckpt_dir / "latest"
+                        last = ckpt_dir / latest.read_text().strip() if latest.exists() else None
                         raise TrainingDiverged(f"{desc}: loss '{name}' is {v.item()} at step {step}; stopped. "
                                                f"Last good checkpoint kept: {last or 'none yet'}")
                 (total / cfg.grad_accum).backward()
