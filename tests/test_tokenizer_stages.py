@@ -15,6 +15,10 @@ from aligntok.train.loop import train
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))
 RES = 32
 
+# Training outcomes depend on the summation order, which depends on the thread count: one thread makes them
+# independent of the machine's cores and OMP_NUM_THREADS (and is 5-10x faster on 2 shared cores).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tok_config(kind="aligntok", pretrained="efficientnet-lite0"):
     return {"kind": kind, "encoder_arch": "tf_efficientnet_lite0", "encoder_pretrained": pretrained,
@@ -93,6 +97,7 @@ def test_semantic_preservation_is_zero_at_first_step_of_stage2(tmp_path):
     recipe, _ = recipe_for(2, model, target, semantic_weight=1.0)
     x = torch.stack([Images(4)[i][0] for i in range(4)])
     _, logs = recipe.losses((x, torch.zeros(4, dtype=torch.long)), step=0)
+    # the same weights (BN frozen in both) on the same batch in one process: identical latents, so exactly 0
     assert logs["semantic_preservation"] == 0.0
 
 
@@ -108,20 +113,28 @@ def test_stage1_raises_val_psnr_and_stage3_keeps_it(tmp_path, kind="aligntok"):
     recipe, cfg = recipe_for(1, model, kind=kind, disc_start=10_000, steps=200, batch_size=8, lr=2e-3)
     train(recipe, train_set, cfg, dist=CPU, ckpt_dir=tmp_path / "s1", config_hash="a", seed=0)
     after1 = _psnr(model, val_set)
-    assert after1 > before + 2.5, (before, after1)  # measured: 10.3 -> 13.2 dB
+    # measured 10.33 -> 13.05 / 13.12 dB (+2.72 / +2.79) with ATEN_CPU_CAPABILITY=default / avx2 on one thread
+    # (+2.79 on two): +1.5 dB leaves >1.2 dB for other kernels while still needing real learning
+    assert after1 > before + 1.5, (before, after1)
     recipe3, cfg3 = recipe_for(3, model, kind=kind, disc_start=10_000, steps=30, batch_size=8, lr=5e-4)
     train(recipe3, train_set, cfg3, dist=CPU, ckpt_dir=tmp_path / "s3", config_hash="b", seed=1)
     after3 = _psnr(model, val_set)
-    assert after3 > after1 - 0.5, (after1, after3)
+    assert after3 > after1 - 0.5, (after1, after3)  # measured +0.27 / +0.33 / +0.29 dB (same three settings)
 
 
 def test_from_scratch_vae_trains_through_the_same_loop(tmp_path):
     torch.manual_seed(0)
     model = AlignTokenizer(tok_config("vae"))
+    val_set = Images(16, offset=1000)
+    before = _psnr(model, val_set)
     recipe, cfg = recipe_for(1, model, kind="vae", disc_start=10_000, steps=40, batch_size=8, lr=2e-3, log_every=10)
-    out = train(recipe, Images(64), cfg, dist=CPU, ckpt_dir=tmp_path / "vae", config_hash="v", seed=0)
+    train(recipe, Images(64), cfg, dist=CPU, ckpt_dir=tmp_path / "vae", config_hash="v", seed=0)
     assert trainable_parts("vae", 1) == {"encoder", "adapter", "decoder"}
-    assert out["history"][-1]["loss"] < 0.9 * out["history"][0]["loss"]
+    # The logged loss plateaus within the first 10-step window (0.435 -> 0.390 = 0.896 / 0.900 of it under
+    # default / avx2 kernels: no margin against a 0.9 bound), so the held-out PSNR is the measure instead:
+    # measured 10.41 -> 13.11 / 12.80 dB (+2.70 / +2.39) under default / avx2 kernels on one thread.
+    after = _psnr(model, val_set)
+    assert after > before + 1.0, (before, after)
     assert model.encode(Images(2)[0][0][None]).shape == (1, 8, RES // 16, RES // 16)
 
 
@@ -142,7 +155,9 @@ def test_tokenizer_stage_resume_gives_the_same_weights(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run("b", stop_after=3)
     resumed, res_out = run("b")
+    # resume restores every state exactly and replays the same ops in the same process: bit-identical by
+    # construction (measured 0 for weights and EMA under default/avx2 kernels)
     for (n, p), q in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), n
     for p, q in zip(full_out["ema"]["tokenizer"].parameters(), res_out["ema"]["tokenizer"].parameters()):
-        assert torch.allclose(p, q, atol=1e-6)
+        assert torch.equal(p, q)
