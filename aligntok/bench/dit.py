@@ -13,6 +13,7 @@ from aligntok.diffusion.flow import FlowMatching
 from aligntok.diffusion.sampler import sample
 from aligntok.models.dit import build_dit
 from aligntok.stages.bench import gemm_peak_flops
+from aligntok.train.loop import adamw, cuda_fast_math
 
 LATENT = (32, 16, 16)
 NUM_CLASSES = 1000
@@ -69,10 +70,11 @@ def _flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def measure(name: str, batch: int, steps: int, device: torch.device) -> dict:
+def measure(name: str, batch: int, steps: int, device: torch.device, variants: tuple[str, ...] = ()) -> dict:
+    """One row; `variants` ("grad_checkpointing", "compile") also time the train step with that option on."""
     torch.manual_seed(0)
     model = build_dit(name, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), device, lr=1e-4)
     fm = FlowMatching()
     x = torch.randn(batch, *LATENT, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
@@ -85,6 +87,15 @@ def measure(name: str, batch: int, steps: int, device: torch.device) -> dict:
 
     train_flops = _flops(train_step)  # doubles as the warm-up (AdamW state allocated here)
     train_s = _time(train_step, steps, device)
+    options = {}
+    for key, flag in (("grad_checkpointing", "grad_checkpointing"), ("compile", "compiled")):
+        if key in variants:  # same FLOPs counted once (eager); the first step (and its compile) is untimed
+            setattr(model, flag, True)
+            t0 = time.perf_counter()
+            train_step()
+            options[f"train_s_per_step_{key}"] = _time(train_step, steps, device)
+            options[f"first_step_s_{key}"] = time.perf_counter() - t0 - steps * options[f"train_s_per_step_{key}"]
+            setattr(model, flag, False)
     del opt
     model.eval()
 
@@ -98,20 +109,25 @@ def measure(name: str, batch: int, steps: int, device: torch.device) -> dict:
             "train_flop_per_step": train_flops, "train_achieved_flop_s": train_flops / train_s,
             "sample_s_per_euler_step": step_s, "sample_img_per_s_one_step": batch / step_s,
             f"sample_img_per_s_{SAMPLER_STEPS}_euler_steps": batch / (SAMPLER_STEPS * step_s),
-            "sample_flop_per_step": step_flops, "sample_achieved_flop_s": step_flops / step_s}
+            "sample_flop_per_step": step_flops, "sample_achieved_flop_s": step_flops / step_s, **options}
 
 
 def run(batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1"), steps: int = 3, quick: bool = False,
         device: str | torch.device | None = None) -> dict:
-    """Timed steps per row: `steps` (XL-sized models: at most 2). quick: tiny at batch 2 only."""
+    """Timed steps per row: `steps` (XL-sized models: at most 2). quick: tiny at batch 2 only.
+
+    The tiny rows also time the train step with dit.grad_checkpointing and (not with quick: on a CPU the compile
+    alone takes about a minute, reported as first_step_s_compile) with dit.compile's steady-state step."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda_fast_math(dev)
     if quick:
         batch_sizes, models = (2,), ("tiny",)
     peak = gemm_peak_flops(dev)
     rows = []
     for name in models:
         for b in batch_sizes:
-            r = measure(name, b, min(steps, 2) if "XL" in name else steps, dev)
+            variants = () if name != "tiny" else ("grad_checkpointing",) if quick else ("grad_checkpointing", "compile")
+            r = measure(name, b, min(steps, 2) if "XL" in name else steps, dev, variants)
             r["train_fraction_of_gemm_peak"] = r["train_achieved_flop_s"] / peak
             r["sample_fraction_of_gemm_peak"] = r["sample_achieved_flop_s"] / peak
             rows.append(r)
