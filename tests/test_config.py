@@ -1,3 +1,5 @@
+import os
+import re
 import subprocess
 import sys
 
@@ -5,7 +7,7 @@ import pytest
 import yaml
 
 from aligntok.config import ConfigError, Params, flatten, load_params
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SMOKE
 
 
 def write(tmp_path, tree):
@@ -14,10 +16,23 @@ def write(tmp_path, tree):
     return p
 
 
-def test_default_params_load_and_match_smoke_profile():
-    params = load_params(ROOT / "params.yaml")
-    assert params.profile == "smoke"
-    assert (ROOT / "params.yaml").read_text() == (ROOT / "profiles" / "smoke.yaml").read_text()
+def git_show(path: str) -> str | None:
+    """`path` as committed at HEAD, or None outside a git checkout."""
+    proc = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def test_shipped_params_are_the_smoke_profile():
+    assert load_params(SMOKE).profile == "smoke"
+    # The live params.yaml is the user's to switch (`aligntok profile ci`), so what must be the smoke profile is
+    # the committed one; a live params.yaml that says it is smoke must still be that file, not a drifted copy.
+    shipped = git_show("params.yaml")
+    if shipped is None:
+        pytest.skip("not a git checkout: the shipped params.yaml cannot be told from a switched one")
+    assert shipped == git_show("profiles/smoke.yaml")
+    live = ROOT / "params.yaml"
+    if yaml.safe_load(live.read_text()).get("profile") == "smoke":
+        assert live.read_text() == SMOKE.read_text()
 
 
 @pytest.mark.parametrize("profile", ["smoke", "ci", "imagenet256"])
@@ -36,7 +51,7 @@ def test_every_profile_validates(profile):
 ])
 def test_bad_override_names_key_value_and_expectation(override, expected):
     with pytest.raises(ConfigError) as err:
-        load_params(ROOT / "params.yaml", [override])
+        load_params(SMOKE, [override])
     assert str(err.value).startswith(expected)
     assert "\n" not in str(err.value)
 
@@ -54,7 +69,7 @@ def test_source_without_root_is_reported(tmp_path):
 
 
 def test_overrides_are_typed_like_yaml():
-    params = load_params(ROOT / "params.yaml", ["tokenizer.stage2.semantic_weight=0", "sample.cfg_channels=3",
+    params = load_params(SMOKE, ["tokenizer.stage2.semantic_weight=0", "sample.cfg_channels=3",
                                                 "dit.ema_decay=null"])
     assert params.tokenizer.stage2.semantic_weight == 0.0
     assert params.sample.cfg_channels == 3
@@ -68,20 +83,20 @@ def test_flatten_gives_dotted_keys():
 
 
 def test_result_hash_changes_only_with_what_changes_results():
-    a = load_params(ROOT / "params.yaml")
-    b = load_params(ROOT / "params.yaml", ["tokenizer.stage3.lr=0.5"])
+    a = load_params(SMOKE)
+    b = load_params(SMOKE, ["tokenizer.stage3.lr=0.5"])
     assert a.result_hash("tokenizer.stage1") == b.result_hash("tokenizer.stage1")
     assert a.result_hash("tokenizer.stage3") != b.result_hash("tokenizer.stage3")
     # how a run is carried out (workers, logging and checkpoint intervals) must not restart a resumable stage
-    c = load_params(ROOT / "params.yaml", ["data.num_workers=3", "tokenizer.stage1.log_every=7",
+    c = load_params(SMOKE, ["data.num_workers=3", "tokenizer.stage1.log_every=7",
                                            "tokenizer.stage1.ckpt_every=9", "dit.image_every=11"])
     for keys in [("tokenizer.stage1", "encoder", "lpips", "data"), ("dit",)]:
         assert a.result_hash(*keys) == c.result_hash(*keys)
-    assert a.result_hash("data") != load_params(ROOT / "params.yaml", ["data.hflip=false"]).result_hash("data")
+    assert a.result_hash("data") != load_params(SMOKE, ["data.hflip=false"]).result_hash("data")
 
 
 def test_cli_config_error_exit_code_2_and_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "aligntok.cli", "prepare", "--params", str(ROOT / "params.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "aligntok.cli", "prepare", "--params", str(SMOKE),
                            "-S", "data.num_images=-3"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -89,10 +104,15 @@ def test_cli_config_error_exit_code_2_and_one_line(tmp_path):
 
 
 def test_cli_help_lists_every_stage():
-    out = subprocess.run([sys.executable, "-m", "aligntok.cli", "--help"], capture_output=True, text=True).stdout
-    for stage in ["prepare", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents",
-                  "train-dit", "evaluate", "sample", "bench", "compare", "profile"]:
-        assert stage in out
+    out = subprocess.run([sys.executable, "-m", "aligntok.cli", "--help"], capture_output=True, text=True,
+                         env=dict(os.environ, COLUMNS="80"), check=True).stdout
+    # argparse lists one subcommand per line, indented 4 spaces under "<command>" (help text wraps at 20):
+    # a substring test would find "sample" in evaluate's help ("...of samples...")
+    listed = out.split("\n  <command>\n", 1)[1].split("\n\n", 1)[0]
+    commands = re.findall(r"^    (\S+)", listed, flags=re.M)
+    expected = ["prepare", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents",
+                "train-dit", "evaluate", "sample", "bench", "compare", "profile", "repro"]
+    assert len(commands) == len(set(commands)) and set(expected) <= set(commands), commands
 
 
 def test_profile_switch_copies_and_refuses_unknown(tmp_path):

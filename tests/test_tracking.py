@@ -1,4 +1,5 @@
 """MLflow tracking against a real sqlite store: parent/child runs across processes, outage tolerance."""
+import re
 import subprocess
 import sys
 import textwrap
@@ -7,8 +8,8 @@ import warnings
 import mlflow
 
 from aligntok.config import load_params
-from aligntok.tracking import Tracker, stage_run
-from tests.conftest import ROOT
+from aligntok.tracking import Tracker, git_commit, stage_run
+from tests.conftest import ROOT, SMOKE
 
 STAGE_SCRIPT = textwrap.dedent("""
     import sys
@@ -21,28 +22,68 @@ STAGE_SCRIPT = textwrap.dedent("""
 """)
 
 
+def git(*args, cwd=ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_two_stage_processes_share_one_parent(tmp_path, isolated_mlflow, monkeypatch):
     monkeypatch.setenv("ALIGNTOK_PIPELINE_ID", "pipe-123")
+    in_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
+    heads = {git("rev-parse", "HEAD")} if in_git else set()
     for stage in ("prepare", "tokenizer-stage1"):
-        subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(ROOT / "params.yaml"), stage], check=True,
-                       cwd=ROOT)
+        subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(SMOKE), stage], check=True, cwd=ROOT)
+    if in_git:
+        heads.add(git("rev-parse", "HEAD"))  # the work tree may be committed to meanwhile
     mlflow.set_tracking_uri(isolated_mlflow)
-    runs = mlflow.search_runs(experiment_names=["aligntok"], output_format="list")
+    runs = mlflow.search_runs(experiment_names=["aligntok"], filter_string="tags.pipeline_id = 'pipe-123'",
+                              output_format="list")
     parents = [r for r in runs if r.data.tags.get("role") == "pipeline"]
     children = [r for r in runs if r.data.tags.get("role") != "pipeline"]
-    assert len(parents) == 1 and parents[0].data.tags["pipeline_id"] == "pipe-123"
+    assert len(parents) == 1
     assert sorted(r.data.tags["stage"] for r in children) == ["prepare", "tokenizer-stage1"]
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     child = children[0]
-    assert child.data.params["tokenizer.stage2.lr"] == str(load_params(ROOT / "params.yaml").tokenizer.stage2.lr)
-    assert child.data.tags["profile"] == "smoke" and child.data.tags["git_commit"]
+    assert child.data.params["tokenizer.stage2.lr"] == str(load_params(SMOKE).tokenizer.stage2.lr)
+    assert child.data.tags["profile"] == "smoke"
+    # the commit the stage ran from ("-dirty" with uncommitted changes to tracked files; exact in
+    # test_git_commit_names_head_and_uncommitted_changes), for the parent and every child
+    for r in runs:
+        if in_git:
+            assert r.data.tags["git_commit"].removesuffix("-dirty") in heads, r.data.tags["git_commit"]
+        else:  # an unpacked archive: no commit to name
+            assert not re.fullmatch(r"[0-9a-f]{40}(-dirty)?", r.data.tags["git_commit"])
     history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.5), (2, 0.5)]
 
 
+def test_git_commit_names_head_and_uncommitted_changes(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no enclosing repository is found
+    for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    git("init", "-q", cwd=repo)
+    (repo / "a.txt").write_text("one")
+    git("add", "a.txt", cwd=repo)
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "one", cwd=repo)
+    head = git("rev-parse", "HEAD", cwd=repo)
+    monkeypatch.chdir(repo)
+    assert git_commit() == head
+    (repo / "new.txt").write_text("untracked files do not count")
+    assert git_commit() == head
+    (repo / "a.txt").write_text("two")
+    assert git_commit() == head + "-dirty"
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    monkeypatch.chdir(outside)
+    # no repository: a placeholder string, never something that looks like a commit id
+    value = git_commit()
+    assert isinstance(value, str) and not re.fullmatch(r"[0-9a-f]{40}(-dirty)?", value)
+
+
 def test_resumed_stage_reopens_its_run(isolated_mlflow, monkeypatch):
     monkeypatch.setenv("ALIGNTOK_PIPELINE_ID", "pipe-resume")
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(SMOKE)
     with stage_run(params, "train-dit") as t:
         first = t.run_id
         t.log_metrics({"loss": 2.0}, step=1)
@@ -54,15 +95,15 @@ def test_resumed_stage_reopens_its_run(isolated_mlflow, monkeypatch):
     assert [m.value for m in history] == [2.0, 1.0]
 
 
-def test_unreachable_server_warns_once_and_keeps_working(monkeypatch):
+def test_unreachable_server_warns_once_and_keeps_working(isolated_mlflow, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(SMOKE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker = Tracker(params, "prepare")
         assert tracker.start() is None
         tracker.log_metrics({"x": 1.0}, step=1)
-        tracker.log_artifact(ROOT / "params.yaml")
+        tracker.log_artifact(SMOKE)
         tracker.end()
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "MLflow tracking disabled for stage prepare" in msgs[0]
@@ -77,18 +118,16 @@ def test_project_root_of_a_dvc_temp_experiment_is_the_main_tree(tmp_path, monkey
     assert project_root() == tmp_path / "proj"
 
 
-def test_compare_shows_differing_params_and_skips_interrupted_pipelines(isolated_mlflow):
-    import os
-
+def test_compare_shows_differing_params_and_skips_interrupted_pipelines(isolated_mlflow, monkeypatch):
     from aligntok.stages.compare import compare_table, render
     from aligntok.tracking import create_parent_run, log_final_metrics_to_parent, search_runs
-    a = load_params(ROOT / "params.yaml", ["tokenizer.stage2.semantic_weight=0"])
-    b = load_params(ROOT / "params.yaml")
+    a = load_params(SMOKE, ["tokenizer.stage2.semantic_weight=0"])
+    b = load_params(SMOKE)
     for params, gfid in ((a, 12.5), (b, 10.0), (b, None)):
-        os.environ["ALIGNTOK_PARENT_RUN_ID"] = create_parent_run(params)
+        monkeypatch.setenv("ALIGNTOK_PARENT_RUN_ID", create_parent_run(params))
         if gfid is not None:
             log_final_metrics_to_parent(params, {"gfid": gfid, "psnr": 20.0})
-    del os.environ["ALIGNTOK_PARENT_RUN_ID"]
+    monkeypatch.delenv("ALIGNTOK_PARENT_RUN_ID")
     header, rows = compare_table(search_runs(b))
     assert header == ["run", "tokenizer.stage2.semantic_weight", "psnr", "gfid"]
     assert [r[1:] for r in rows] == [["0.0", "20", "12.5"], ["1.0", "20", "10"]]
