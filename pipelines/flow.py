@@ -181,7 +181,7 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
 
     from aligntok.config import load_params
     from aligntok.stages.repro import pipeline_env
-    from aligntok.tracking import end_parent_run, run_url, tracking_uri
+    from aligntok.tracking import end_parent_run, redact, run_url, tracking_uri
 
     # the id keeps two runs with the same form values (same name) in separate worktrees
     name = f"prefect-{flow_run.get_name() or 'local'}-{(flow_run.get_id() or uuid.uuid4().hex)[:8]}"

@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -167,3 +166,24 @@ def test_default_then_custom_run_complete_every_stage(served):
     artifacts = _api(served["api"], "/artifacts/filter", {"flow_runs": {"id": {"any_": [custom["id"]]}}})
     table = next(a for a in artifacts if a["key"] == "final-metrics")
     assert "| gfid_cfg |" in table["data"]
+
+
+def test_work_pool_deployment_runs_on_a_process_worker(served):
+    """`python -m pipelines.deploy` puts the flow on a work pool; a `prefect worker` (on a GPU node, in real use)
+    picks up a run created through the API and executes every stage; the serving process is not involved."""
+    repo, env = served["repo"], served["env"]
+    sh([sys.executable, "-m", "pipelines.deploy", "--pool", "gpu-test", "--name", "on-pool", "--profile", "ci"],
+       repo, env)
+    log = open(served["log"].with_name("worker.log"), "w")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu-test"], cwd=repo,
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        dep = _api(served["api"], "/deployments/name/aligntok-pipeline/on-pool")
+        assert dep["work_pool_name"] == "gpu-test"
+        run = _run_and_wait({**served, "deployment": dep, "log": served["log"].with_name("worker.log")}, {})
+        assert run["state"]["type"] == "COMPLETED", served["log"].with_name("worker.log").read_text()[-4000:]
+        assert _task_states(served, run["id"]) == {s: "COMPLETED" for s in STAGES}
+        assert run["work_queue_name"] and run["infrastructure_pid"]  # started by the worker, not by the server
+    finally:
+        _stop_group(worker)
+        log.close()

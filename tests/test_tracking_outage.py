@@ -1,6 +1,5 @@
 """A real `mlflow server` on 127.0.0.1 dies during training and comes back: training never stalls, and afterwards
 the run holds every metric point, those logged during the outage included (replayed from the local journal)."""
-import json
 import os
 import re
 import signal

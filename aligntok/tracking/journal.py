@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from aligntok.config import Params
+from aligntok.tracking.uri import bound_http_retries, tracking_uri
+
 JOURNAL_DIR = Path("checkpoints") / "tracking"
 BATCH = 500  # MLflow's log_batch accepts at most 1000 metrics per call
 
@@ -117,3 +120,24 @@ def _write_sent(path: Path, n: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(str(n))
     tmp.replace(path)
+
+
+def send_metrics(run_id: str, points: list[dict]) -> None:
+    import mlflow
+    from mlflow.entities import Metric
+    mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(p["key"], p["value"], p["timestamp"], p["step"])
+                                                     for p in points], synchronous=True)
+
+def sync_journals(params: Params) -> int:
+    """`aligntok tracking sync`: send every journaled metric point that MLflow has not accepted yet."""
+    import mlflow
+    uri = tracking_uri(params)
+    if uri.startswith("http"):
+        bound_http_retries()
+    mlflow.set_tracking_uri(uri)
+    total = 0
+    for path in sorted(JOURNAL_DIR.glob("*.jsonl")):
+        sent = flush_journal(path, path.with_suffix(".sent"), path.stem, send_metrics)
+        total += sent
+        print(f"{path.stem}: {sent} metric points sent")
+    return total
