@@ -149,6 +149,22 @@ class Tracker:
             fn = self._mlflow.log_artifacts if Path(path).is_dir() else self._mlflow.log_artifact
             self._call("log_artifact", fn, str(path), artifact_path)
 
+    def log_model(self, folder: str | Path, what: str) -> None:
+        """Log an export (tokenizer or DiT folder with its safetensors) as an MLflow model and register it as
+        `<experiment>-<what>`; the alias `latest-good` moves to this version (the stage finished cleanly)."""
+        if self._mlflow is None or not self.enabled:
+            return
+
+        def log():
+            import mlflow.pyfunc
+            from aligntok.tracking import registry_model
+            name = f"{self.params.tracking.experiment}-{what}"
+            info = mlflow.pyfunc.log_model(name=what, python_model=registry_model.__file__,
+                                           artifacts={"export": str(folder)}, registered_model_name=name,
+                                           pip_requirements=[])
+            mlflow.MlflowClient().set_registered_model_alias(name, "latest-good", info.registered_model_version)
+        self._call("log_model", log)
+
     def log_dict(self, data: dict, name: str) -> None:
         if self._mlflow is not None:
             self._call("log_dict", self._mlflow.log_dict, data, name)
