@@ -25,6 +25,7 @@ from aligntok.data.shards import MANIFEST, ROW_GROUP_ROWS, SPLITS, DataError, re
 from aligntok.data.synthetic import SYNTHETIC_CLASSES
 from aligntok.data.units import PROGRESS, Unit, build_unit, finished, fingerprint
 from aligntok.io import write_json_atomic
+from aligntok.progress import progress
 
 SOURCES = ("synthetic", "imagefolder", "parquet")
 
@@ -120,11 +121,17 @@ def _run(units: list[Unit], workers: int) -> dict[str, dict]:
     if todo:
         print(f"prepare: {len(records)}/{len(units)} shards already done; building {len(todo)} "
               f"with {min(workers, len(todo))} process(es)", flush=True)
+    bar = progress(total=len(todo), desc="prepare shards", enabled=bool(todo))
     if workers <= 1 or len(todo) <= 1:
-        records.update((u.file, build_unit(u)) for u in todo)
+        for u in todo:
+            records[u.file] = build_unit(u)
+            bar.update(1)
     else:  # spawn: no forked copies of the parent's (torch, threads) state
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
-            records.update((u.file, rec) for u, rec in zip(todo, pool.map(build_unit, todo)))
+            for u, rec in zip(todo, pool.map(build_unit, todo)):
+                records[u.file] = rec
+                bar.update(1)
+    bar.close()
     return records
 
 

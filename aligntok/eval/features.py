@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aligntok.progress import progress
+
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 BACKBONES = ("inception", "efficientnet-lite0", "random-init")
@@ -206,7 +208,7 @@ def extract(extractor: FeatureExtractor, images: np.ndarray | Iterable, batch_si
     else:
         batches = (nhwc_to_nchw(b) if isinstance(b, np.ndarray) else b for b in images)
     feats, logits = [], []
-    for b in batches:
+    for b in progress(batches, desc="features", enabled=not isinstance(images, np.ndarray)):  # long: train split
         f, lg = extractor(b)
         feats.append(f.numpy())
         logits.append(lg.numpy())
