@@ -113,7 +113,7 @@ def run(params: Params, args) -> int:
                        "images": data.num_source_images, "ema": bool(result["ema"])}
             write_metrics("train-dit", metrics, tracker)
             write_plots("train-dit", hist)
-            tracker.log_artifact(DIT_DIR, "model")
+            tracker.log_model(DIT_DIR, "dit")  # an MLflow model, registered with alias latest-good
             print(f"train-dit: {steps} steps ({epochs:.2f} epochs), loss {metrics['first_loss']:.4f} -> "
                   f"{metrics['final_loss']:.4f}")
     cleanup()

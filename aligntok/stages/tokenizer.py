@@ -181,7 +181,10 @@ def run(params: Params, args) -> int:
             metrics["steps"] = result["step"]
             write_metrics(name, metrics, tracker, step=result["step"])
             write_plots(name, result["history"])
-            tracker.log_artifact(out, "model")
+            if stage == 3:  # the final tokenizer: an MLflow model, registered with alias latest-good
+                tracker.log_model(out, "tokenizer")
+            else:
+                tracker.log_artifact(out, "model")
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     cleanup()
     return 0
