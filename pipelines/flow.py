@@ -169,7 +169,7 @@ def run_name() -> str:
 
 
 def metrics_table(metrics: dict) -> str:
-    """The final metrics as a markdown table (numbers only; the protocol strings stay in the metrics file)."""
+    """The final metrics as a markdown table (numbers only; the protocol strings are in outputs/protocol/evaluate.json)."""
     rows = [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())
             if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return "\n".join(["| metric | value |", "| --- | --- |", *rows])
@@ -210,7 +210,7 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
             "mlflow_parent_run": parent}
 
 
-KEEP = ("params.yaml", "dvc.lock", "outputs/metrics", "outputs/plots", "outputs/eval")
+KEEP = ("params.yaml", "dvc.lock", "outputs/metrics", "outputs/protocol", "outputs/plots", "outputs/eval")
 
 
 def _read_metrics(run_dir: Path) -> dict:
