@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from aligntok.config import Params
 from aligntok.data.latents import MANIFEST, compute_stats
 from aligntok.io import replace_dir, write_json_atomic
+from aligntok.progress import progress
 from aligntok.stages.common import CHECKPOINTS, LATENTS_DIR, data_dir, tokenizer_dir, write_metrics
 from aligntok.train.dist import barrier, cleanup, init_distributed
 from aligntok.train.loop import bf16_autocast
@@ -48,7 +49,8 @@ def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank:
                  batch_size: int, hflip: bool, tok_hash: str, device: torch.device) -> tuple[list[dict], int]:
     """Encode `indices` of `dataset` into shards `r{rank}-{k}.safetensors`; returns (shard records, encoded)."""
     records, encoded = [], 0
-    for k, start in enumerate(range(0, len(indices), shard_rows)):
+    starts = range(0, len(indices), shard_rows)
+    for k, start in enumerate(progress(starts, desc="cache-latents shards", enabled=rank == 0)):
         block = indices[start:start + shard_rows]
         path = out_dir / f"latents-r{rank:03d}-{k:05d}.safetensors"
         if not _shard_done(path, tok_hash, block):
