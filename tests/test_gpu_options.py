@@ -36,6 +36,7 @@ def _assert_same(a, b, atol: float) -> None:
         torch.testing.assert_close(a[1][k], b[1][k], rtol=0, atol=atol, msg=k)
 
 
+@pytest.mark.numeric
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     model = _tiny()
     plain = _loss_and_grads(model)
