@@ -2,12 +2,15 @@
 
 The DAG runs once per test session (module fixture) and the tests read what it left behind.
 """
+import csv
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,18 +19,31 @@ from tests.conftest import ROOT
 
 STAGES = ["prepare", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "train-dit",
           "evaluate"]
-SKIP = {".venv", ".git", "data", "outputs", "checkpoints", "mlflow.db", "mlartifacts", "runs", ".pytest_cache",
-        "__pycache__", "tmp", "cache"}
+
+
+def tracked_files() -> list[str]:
+    """Paths git tracks in ROOT (the index: a new file counts once it is `git add`ed)."""
+    proc = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip("end-to-end tests copy the repo's tracked files: needs a git checkout")
+    return [p for p in proc.stdout.decode().split("\0") if p]
 
 
 def copy_repo(dest: Path) -> Path:
-    top = str(ROOT)
-    shutil.copytree(ROOT, dest, ignore=lambda d, names: [n for n in names if (d == top and n in SKIP)
-                                                         or n in ("__pycache__", ".pytest_cache")
-                                                         or n.endswith(".egg-info")])
-    git = lambda *a: subprocess.run(["git", *a], cwd=dest, check=True, capture_output=True)
+    """A fresh git repo at `dest` holding ROOT's tracked files as they are in the working tree (uncommitted edits
+    included, so the tests exercise the current code) and nothing else: no .dvc/cache with its run-cache, no
+    .dvc/tmp, no untracked dvc.lock, mlflow.db, mlruns/, data/ or outputs/ from the developer's runs."""
+    copied = []
+    for rel in tracked_files():
+        src = ROOT / rel
+        if not os.path.lexists(src):  # deleted in the working tree, not yet committed
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / rel, follow_symlinks=False)
+        copied.append(rel)
+    git = lambda *a, **kw: subprocess.run(["git", *a], cwd=dest, check=True, capture_output=True, **kw)
     git("init", "-q")
-    git("add", "-A")
+    git("add", "--pathspec-from-file=-", "--pathspec-file-nul", input="\0".join(copied).encode())
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
     return dest
 
@@ -39,31 +55,55 @@ def sh(cmd, cwd, env=None, check=True):
     return proc
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("e2e")
-    e = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{base / 'mlflow.db'}", PREFECT_HOME=str(base / "prefect"))
-    for var in ("ALIGNTOK_PARENT_RUN_ID", "ALIGNTOK_PIPELINE_ID"):
-        e.pop(var, None)
+def isolated_env(base: Path) -> dict[str, str]:
+    """The environment for the tests' subprocesses: the caller's, minus every setting that would send a test
+    somewhere else. PREFECT_API_URL (the README says to export it) would run the flow on the user's server,
+    MLFLOW_* / ALIGNTOK_* would change where and how runs are logged, DVC's global and system configs (a
+    cache.dir, say) would apply to the test repo. Then the tests' own settings, all under `base`."""
+    drop = ("PREFECT_", "MLFLOW_", "ALIGNTOK_", "DVC_")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    e.update(MLFLOW_TRACKING_URI=f"sqlite:///{base / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true",
+             PREFECT_HOME=str(base / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+             PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", DVC_NO_ANALYTICS="1",
+             DVC_GLOBAL_CONFIG_DIR=str(base / "dvc-global"), DVC_SYSTEM_CONFIG_DIR=str(base / "dvc-system"),
+             DVC_SITE_CACHE_DIR=str(base / "dvc-site"))
     return e
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, env):
-    repo = copy_repo(tmp_path_factory.mktemp("repo") / "aligntok")
+def env(tmp_path_factory):
+    return isolated_env(tmp_path_factory.mktemp("e2e"))
+
+
+@pytest.fixture(scope="module")
+def first_repro(tmp_path_factory, env):
+    """`aligntok repro` on the ci profile in a fresh copy; what later tests need from that first run is kept
+    here, since later tests (`dvc exp run`) change the workspace."""
+    base = tmp_path_factory.mktemp("repo")
+    repo = copy_repo(base / "aligntok")
     sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "ci profile"], repo)
-    t0 = time.perf_counter()
     proc = sh([sys.executable, "-m", "aligntok.cli", "repro"], repo, env)
-    repo_info = {"first_repro_s": time.perf_counter() - t0, "first_repro_out": proc.stdout + proc.stderr}
-    (repo / ".e2e.json").write_text(json.dumps(repo_info))
-    return repo
+    out = proc.stdout + proc.stderr
+    parent = re.search(r"\(MLflow parent run ([0-9a-f]{32})\)", out)
+    assert parent, out[-3000:]
+    shutil.copytree(repo / "outputs" / "latents", base / "first-latents")
+    return {"repo": repo, "out": out, "parent_run_id": parent.group(1), "latents": base / "first-latents"}
 
 
-def runs(env, experiment="aligntok"):
+@pytest.fixture(scope="module")
+def repo(first_repro):
+    return first_repro["repo"]
+
+
+def runs(env, experiment="aligntok", filter_string=""):
     import mlflow
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, output_format="list")
+
+
+def digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 @pytest.mark.slow
@@ -75,32 +115,35 @@ def test_repro_produces_every_out_and_metric(repo):
         assert (repo / "outputs" / "metrics" / f"{stage}.json").exists(), stage
     ev = json.loads((repo / "outputs/metrics/evaluate.json").read_text())
     for key in ["gfid", "is", "precision", "recall", "gfid_cfg", "rfid", "psnr", "ssim", "lpips", "semantic_cosine"]:
-        assert isinstance(ev[key], float), key
-    assert ev["protocol"]["fid_backbone"] == "efficientnet-lite0"
-    assert ev["protocol"]["lpips_backbone"] == "random"
+        assert isinstance(ev[key], float) and math.isfinite(ev[key]), (key, ev[key])
+    protocol = json.loads((repo / "outputs/protocol/evaluate.json").read_text())["protocol"]
+    assert protocol["fid_backbone"] == "efficientnet-lite0" and protocol["lpips_backbone"] == "random"
 
 
 @pytest.mark.slow
-def test_mlflow_has_one_parent_with_seven_children(repo, env):
-    all_runs = runs(env)
-    parents = [r for r in all_runs if r.data.tags.get("role") == "pipeline"]
-    assert len(parents) == 1
-    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+def test_mlflow_has_one_parent_with_seven_children(first_repro, env):
+    # this pipeline's runs, found by its ids: other tests in this module add pipelines of their own
+    parent_id = first_repro["parent_run_id"]
+    parents = [r for r in runs(env) if r.info.run_id == parent_id]
+    assert len(parents) == 1 and parents[0].data.tags.get("role") == "pipeline"
+    parent = parents[0]
+    mine = runs(env, filter_string=f"tags.pipeline_id = '{parent.data.tags['pipeline_id']}'")
+    # every run of this pipeline id is the one parent or one of its stage children: no stage made its own parent
+    children = [r for r in mine if r.info.run_id != parent_id]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in children)
     assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
-    assert "gfid" in parents[0].data.metrics and "rfid" in parents[0].data.metrics
+    assert "gfid" in parent.data.metrics and "rfid" in parent.data.metrics
 
 
 @pytest.mark.slow
 def test_second_repro_is_a_noop(repo, env):
-    t0 = time.perf_counter()
     out = sh(["dvc", "repro"], repo, env).stdout
     assert "Data and pipelines are up to date." in out
     assert "Running stage" not in out
-    assert time.perf_counter() - t0 < 30
 
 
 @pytest.mark.slow
-def test_stage3_param_change_reruns_only_stage3_and_after(repo, env):
+def test_stage3_param_change_reruns_only_stage3_and_after(repo, env, first_repro):
     out = sh(["dvc", "exp", "run", "-n", "lr3", "-S", "tokenizer.stage3.lr=5e-5"], repo, env).stdout
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
     assert ran == ["tokenizer-stage3", "cache-latents", "train-dit", "evaluate"], out[-2000:]
@@ -109,9 +152,13 @@ def test_stage3_param_change_reruns_only_stage3_and_after(repo, env):
     sh(["dvc", "plots", "show", "-o", str(repo / "plots_html")], repo, env)
     assert (repo / "plots_html" / "index.html").exists()
     table = sh([sys.executable, "-m", "aligntok.cli", "compare", "--format", "csv"], repo, env).stdout
-    header = table.splitlines()[0].split(",")
+    header, *rows = list(csv.reader(table.splitlines()))
     assert "tokenizer.stage3.lr" in header and "gfid" in header
-    assert len(table.strip().splitlines()) == 3  # header + two pipeline runs
+    # the rows of the two pipelines this test compares (other tests add pipelines of their own)
+    lr = {row[0]: row[header.index("tokenizer.stage3.lr")] for row in rows}
+    first = next(r for r in runs(env) if r.info.run_id == first_repro["parent_run_id"])
+    assert [r[0] for r in rows].count("lr3") == 1 and lr["lr3"] == "5e-05"
+    assert lr[first.data.tags.get("dvc_exp_name") or first.info.run_name] == "0.0001"  # profiles/ci.yaml
 
 
 @pytest.mark.slow
@@ -120,15 +167,23 @@ def test_prefect_flow_runs_every_stage_completed(repo, env):
 import asyncio, json
 from pipelines.flow import aligntok_pipeline, PipelineParams, dag_stages
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 state = aligntok_pipeline(PipelineParams(profile="ci"), return_state=True)
 result = state.result()
 async def task_states():
     async with get_client() as c:
-        trs = await c.read_task_runs()
+        only_this = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        trs = await c.read_task_runs(flow_run_filter=only_this)
         return [(t.name, t.state.type.value) for t in trs]
 print("RESULT", json.dumps({"flow": state.type.value, "tasks": asyncio.run(task_states()), "dag": dag_stages(),
-                              "stages": result["stages"]}))
+                              "stages": result["stages"], "run_dir": result["run_dir"]}))
 """
+    # the workspace's results and state, to show the flow (which works in its own run directory) leaves them be
+    watched = ["outputs/metrics/evaluate.json", "dvc.lock", "params.yaml"]
+    before = {p: digest(repo / p) for p in watched}
+    status = ["git", "status", "--porcelain", "--untracked-files=all"]
+    status_before = sh(status, repo).stdout
+    assert all(before.values()), before
     out = sh([sys.executable, "-c", script], repo, env).stdout
     res = json.loads(out.split("RESULT", 1)[1])
     assert res["flow"] == "COMPLETED"
@@ -136,26 +191,38 @@ print("RESULT", json.dumps({"flow": state.type.value, "tasks": asyncio.run(task_
     # Prefect names task runs "<task name>-<short id>"
     by_length = sorted(STAGES, key=len, reverse=True)
     states = {next(st for st in by_length if name.startswith(st + "-")): s for name, s in res["tasks"]}
-    assert set(states) == set(STAGES) and set(states.values()) == {"COMPLETED"}
-    # the workspace's own results were not touched by the Prefect run
-    assert not (repo / "runs").exists() or any((repo / "runs").iterdir())
-    assert json.loads((repo / "outputs/metrics/evaluate.json").read_text())["protocol"]
+    assert len(res["tasks"]) == len(STAGES) and set(states) == set(STAGES), res["tasks"]
+    assert set(states.values()) == {"COMPLETED"}
+    run_dir = Path(res["run_dir"])
+    assert run_dir.parent == repo / "runs" and (run_dir / "outputs/metrics/evaluate.json").exists()
+    assert {p: digest(repo / p) for p in watched} == before
+    assert sh(status, repo).stdout == status_before
 
 
 @pytest.mark.slow
-def test_notebook_executes(repo, env):
+def test_notebook_executes(repo, env, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
-    nb = nbformat.read(ROOT / "notebooks" / "compare_ablations.ipynb", as_version=4)
-    old = dict(os.environ)
-    os.environ.update({"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]})
-    try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    # the kernel inherits this process's environment: the test's tracking DB, no experiment override
+    for var in list(os.environ):
+        if var.startswith(("ALIGNTOK_", "MLFLOW_")):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    # what the notebook should find: this module's pipelines and their stages' loss curves
+    all_runs = runs(env)
+    parents = {r.info.run_id for r in all_runs if r.data.tags.get("role") == "pipeline"}
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") in parents]
+    stages = {r.data.tags.get("stage") for r in children if "loss" in r.data.metrics}
+    assert {"tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "train-dit"} <= stages, stages
+    curves = sum(r.data.tags.get("stage") in stages for r in children)
+    figure = repo / "outputs" / "compare_ablations.png"
+    figure.unlink(missing_ok=True)
+    nb = nbformat.read(repo / "notebooks" / "compare_ablations.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(repo)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "loss curves over" in text and (repo / "outputs" / "compare_ablations.png").exists()
+    assert f"{len(all_runs)} runs in 'aligntok' at {env['MLFLOW_TRACKING_URI']}" in text, text[:2000]
+    assert f"{curves} loss curves over {len(stages)} stages" in text, text[-2000:]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 1000
 
 
 def test_dvc_stages_match_cli_stage_order():
@@ -179,8 +246,10 @@ def test_prepare_repro_then_noop(tmp_path, env):
 
 
 @pytest.mark.slow
-def test_dit_on_real_latents_learns_class_dependent_samples(repo, tmp_path):
-    """On the pipeline's own latent cache: the DiT loss falls and samples sit nearer their own class mean."""
+def test_dit_on_real_latents_learns_class_dependent_samples(repo, first_repro, tmp_path, one_thread):
+    """On the pipeline's own latent cache (the first repro's: later tests re-run the stages with other params):
+    the DiT loss falls and samples sit nearer their own class mean. One thread: the outcome of 400 training
+    steps then does not depend on the core count."""
     import torch
     from aligntok.config import load_params
     from aligntok.data.latents import LatentDataset, normalize
@@ -190,7 +259,7 @@ def test_dit_on_real_latents_learns_class_dependent_samples(repo, tmp_path):
     from aligntok.train.dist import DistInfo
     from aligntok.train.loop import train
 
-    data = LatentDataset(repo / "outputs" / "latents")
+    data = LatentDataset(first_repro["latents"])
     c, h, _ = data.manifest["latent_shape"]
     cfg = load_params(repo / "params.yaml").dit.model_copy(update={"steps": 400, "batch_size": 32, "lr": 1e-3,
                                                                     "ema_decay": None, "log_every": 50})
@@ -198,7 +267,7 @@ def test_dit_on_real_latents_learns_class_dependent_samples(repo, tmp_path):
     model = build_dit("tiny", input_size=h, in_channels=c, num_classes=data.num_classes, class_dropout_prob=0.1)
     out = train(DitRecipe(model, cfg, data.stats), data, cfg, dist=DistInfo(0, 1, 0, torch.device("cpu")),
                 ckpt_dir=tmp_path / "ckpt", config_hash="x", seed=0)
-    assert out["history"][-1]["loss"] < 0.8 * out["history"][0]["loss"]
+    assert out["history"][-1]["loss"] < 0.8 * out["history"][0]["loss"]  # measured 0.49
     z = normalize(data.latents, data.stats).flatten(1)
     labels = data.labels
     means = torch.stack([z[labels == k].mean(0) for k in range(data.num_classes)])
@@ -207,7 +276,9 @@ def test_dit_on_real_latents_learns_class_dependent_samples(repo, tmp_path):
     gen = sample(model, torch.randn(len(y), c, h, h, generator=torch.Generator().manual_seed(1)), y, steps=20,
                  method="heun", cfg_scale=2.0, null_class=data.num_classes).flatten(1)
     accuracy = (torch.cdist(gen, means).argmin(1) == y).float().mean().item()
-    assert accuracy > 3 / data.num_classes, accuracy  # chance is 1/num_classes
+    # chance is 1/num_classes = 0.1; measured 0.89 (and a loss ratio of 0.49 against the 0.8 bound above) under
+    # ATEN_CPU_CAPABILITY=default and avx2, on one thread and on two
+    assert accuracy > 3 / data.num_classes, accuracy
 
 
 @pytest.mark.slow
