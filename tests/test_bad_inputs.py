@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_pipeline import copy_repo, sh
+from tests.test_pipeline import copy_repo, isolated_env, sh
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,8 @@ def prepared(tmp_path_factory):
     from aligntok.models.tokenizer import AlignTokenizer
     from aligntok.stages.tokenizer import tokenizer_config
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALIGNTOK_"))}
     base = tmp_path_factory.mktemp("bad")
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
+    env = isolated_env(base)  # the caller's shell minus PREFECT_*/MLFLOW_*/ALIGNTOK_*/DVC_*, a private mlflow.db
     repo = copy_repo(base / "aligntok")
     sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
     sh([sys.executable, "-m", "aligntok.cli", "prepare"], repo, env)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_pipeline import copy_repo, sh
+from tests.test_pipeline import copy_repo, isolated_env, sh
 
 pytestmark = pytest.mark.slow
 
@@ -92,9 +92,8 @@ def _port() -> int:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALIGNTOK_"))}
     base = tmp_path_factory.mktemp("nodes")
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{base / 'mlflow.db'}", OMP_NUM_THREADS="1")
+    env = dict(isolated_env(base), OMP_NUM_THREADS="1")
     repo = copy_repo(base / "aligntok")
     sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
     sh([sys.executable, "-m", "aligntok.cli", "prepare"], repo, env)

@@ -3,12 +3,11 @@ import os
 import sys
 
 from aligntok.bench.scale import unique_bytes as _unique_bytes
-from tests.test_pipeline import copy_repo, sh
+from tests.test_pipeline import copy_repo, isolated_env, sh
 
 
 def test_prepared_data_is_linked_not_copied(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALIGNTOK_"))}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = isolated_env(tmp_path)
     repo = copy_repo(tmp_path / "aligntok")
     sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
     sh(["dvc", "repro", "prepare"], repo, env)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_pipeline import copy_repo, sh
+from tests.test_pipeline import copy_repo, isolated_env, sh
 
 PARAMS_FILES = ["params.yaml", *sorted(f"profiles/{p.name}" for p in (ROOT / "profiles").glob("*.yaml"))]
 # Imported by every stage but never changes a result (MLflow bookkeeping): no dep, so an MLflow fix reruns nothing.
@@ -175,9 +175,8 @@ def test_python_m_aligntok_and_version():
 def test_two_experiments_compare_with_numbers(tmp_path):
     """Two `dvc exp run` variants on the ci profile: DVC shows both with numbers (no `!`: the metrics reached the
     experiment commits), compactly with --only-changed, and diffs their metrics."""
-    import os
     repo = copy_repo(tmp_path / "aligntok")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = isolated_env(tmp_path)
     sh([sys.executable, "-m", "aligntok", "profile", "ci"], repo, env)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "ci profile"], repo)
     for name, weight in (("sp-on", 1), ("sp-off", 0)):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline import copy_repo, sh
+from tests.test_pipeline import copy_repo, isolated_env, sh
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +30,8 @@ STAGES = {
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A ci-profile repo whose whole DAG has run once (every stage's inputs exist)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALIGNTOK_"))}
     base = tmp_path_factory.mktemp("kill")
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{base / 'mlflow.db'}", OMP_NUM_THREADS="1")
+    env = dict(isolated_env(base), OMP_NUM_THREADS="1")
     repo = copy_repo(base / "aligntok")
     sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
     sh(["dvc", "repro"], repo, env)

@@ -9,13 +9,12 @@ import pytest
 import yaml
 
 from pipelines.flow import StageFailed, run_streaming, transient
-from tests.test_pipeline import copy_repo, sh
+from tests.test_pipeline import copy_repo, isolated_env, sh
 
 
 @pytest.fixture
 def ci_repo(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ALIGNTOK_"))}
-    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    env = dict(isolated_env(tmp_path), MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     repo = copy_repo(tmp_path / "aligntok")
     sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
     params = yaml.safe_load((repo / "params.yaml").read_text())
