@@ -133,6 +133,18 @@ def test_mlflow_has_one_parent_with_seven_children(first_repro, env):
     assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in children)
     assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
     assert "gfid" in parent.data.metrics and "rfid" in parent.data.metrics
+    assert parent.info.status == "FINISHED"  # RUNNING while the stages ran, then the pipeline's real status
+    head = sh(["git", "rev-parse", "HEAD"], first_repro["repo"]).stdout.strip()
+    assert {r.data.tags.get("mlflow.source.git.commit") for r in mine} == {head}
+    # the final tokenizer and the DiT are registered models whose latest-good alias points at this pipeline's runs
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    by_stage = {r.data.tags["stage"]: r.info.run_id for r in children}
+    for name, stage in (("aligntok-tokenizer", "tokenizer-stage3"), ("aligntok-dit", "train-dit")):
+        version = client.get_model_version_by_alias(name, "latest-good")
+        assert version.run_id == by_stage[stage], (name, version.run_id)
+    stage1 = client.get_run(by_stage["tokenizer-stage1"])
+    assert [i.dataset.name for i in stage1.inputs.dataset_inputs] == ["synthetic"]
 
 
 @pytest.mark.slow
