@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -77,11 +76,11 @@ def test_ranks_draw_different_noise_and_a_resume_draws_the_same(tmp_path):
 
 
 def test_one_rank_raising_ends_every_rank_with_its_message(tmp_path):
-    t0 = time.monotonic()
+    # a hang (rank 0 waiting forever in a collective) raises TimeoutExpired here: no wall-clock bound needed,
+    # which would depend on how loaded the machine is
     proc = _torchrun(tmp_path, "raise", tmp_path / "raise", timeout=180)
     assert proc.returncode != 0
     assert "rank 1 failed on purpose at step 3" in proc.stdout + proc.stderr
-    assert time.monotonic() - t0 < 150  # ended by the failure, not by the subprocess timeout
 
 
 def _port() -> int:
