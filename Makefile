@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 
-.PHONY: install demo test test-fast ablation bench clean
+.PHONY: install demo test test-slow test-all test-fast ablation bench clean
 
 # Re-installs only when pyproject.toml changed (the stamp is named after its hash).
 $(STAMP): pyproject.toml
@@ -24,7 +24,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	aligntok repro
 
+# make test: every fast test plus the two end-to-end paths users take (dvc repro / aligntok repro, and a served
+# Prefect deployment triggered over the API). The other slow tests (kill matrix, DDP and multi-node, tracking
+# outage, distributed evaluate, DVC experiments) take ~30 min more on 2 cores: make test-slow runs them.
+E2E = tests/test_pipeline.py tests/test_prefect_deployment.py
+
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m slow $(E2E)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow --deselect tests/test_pipeline.py --deselect tests/test_prefect_deployment.py tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
