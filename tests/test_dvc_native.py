@@ -12,8 +12,9 @@ from tests.conftest import ROOT
 from tests.test_pipeline import copy_repo, isolated_env, sh
 
 PARAMS_FILES = ["params.yaml", *sorted(f"profiles/{p.name}" for p in (ROOT / "profiles").glob("*.yaml"))]
-# Imported by every stage but never changes a result (MLflow bookkeeping): no dep, so an MLflow fix reruns nothing.
-BOOKKEEPING = "aligntok/tracking"
+# Imported by stages but never changes a result (MLflow bookkeeping, progress bars): no dep, so a fix there
+# reruns nothing.
+BOOKKEEPING = ("aligntok/tracking", "aligntok/progress.py")
 
 
 def resolved_keys() -> set[str]:
