@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_pipeline import copy_repo, isolated_env, sh
+from tests.test_pipeline import ci_copy, sh
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,7 @@ def prepared(tmp_path_factory):
     from aligntok.stages.tokenizer import tokenizer_config
 
     base = tmp_path_factory.mktemp("bad")
-    env = isolated_env(base)  # the caller's shell minus PREFECT_*/MLFLOW_*/ALIGNTOK_*/DVC_*, a private mlflow.db
-    repo = copy_repo(base / "aligntok")
-    sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
+    repo, env = ci_copy(base)  # the caller's shell minus PREFECT_*/MLFLOW_*/ALIGNTOK_*/DVC_*, a private mlflow.db
     sh([sys.executable, "-m", "aligntok.cli", "prepare"], repo, env)
     params = load_params(repo / "params.yaml", check_paths=False)
     torch.manual_seed(0)

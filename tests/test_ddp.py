@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_pipeline import copy_repo, isolated_env, sh
+from tests.test_pipeline import ci_copy, sh
 
 pytestmark = pytest.mark.slow
 
@@ -92,9 +92,7 @@ def _port() -> int:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("nodes")
-    env = dict(isolated_env(base), OMP_NUM_THREADS="1")
-    repo = copy_repo(base / "aligntok")
-    sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
+    repo, env = ci_copy(base, OMP_NUM_THREADS="1")
     sh([sys.executable, "-m", "aligntok.cli", "prepare"], repo, env)
     return repo, env
 

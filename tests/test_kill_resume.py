@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline import copy_repo, isolated_env, sh
+from tests.test_pipeline import ci_copy, sh
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,7 @@ STAGES = {
 def built(tmp_path_factory):
     """A ci-profile repo whose whole DAG has run once (every stage's inputs exist)."""
     base = tmp_path_factory.mktemp("kill")
-    env = dict(isolated_env(base), OMP_NUM_THREADS="1")
-    repo = copy_repo(base / "aligntok")
-    sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
+    repo, env = ci_copy(base, OMP_NUM_THREADS="1")
     sh(["dvc", "repro"], repo, env)
     return repo, env
 

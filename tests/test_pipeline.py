@@ -70,6 +70,15 @@ def isolated_env(base: Path) -> dict[str, str]:
     return e
 
 
+def ci_copy(base: Path, **env_extra: str) -> tuple[Path, dict[str, str]]:
+    """A repo copy under `base` switched to the ci profile, and the isolated environment (plus `env_extra`) to run
+    it with: the start every repo-copy test shares."""
+    env = dict(isolated_env(base), **env_extra)
+    repo = copy_repo(base / "aligntok")
+    sh([sys.executable, "-m", "aligntok.cli", "profile", "ci"], repo, env)
+    return repo, env
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return isolated_env(tmp_path_factory.mktemp("e2e"))
