@@ -12,20 +12,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from aligntok.config import SampleConfig
 from aligntok.data.latents import denormalize
-from aligntok.io import replace_dir, write_json_atomic
+from aligntok.io import replace_dir, save_safetensors, write_error, write_json_atomic
 
 
 def save_dit(model: torch.nn.Module, out_dir: Path, config: dict) -> None:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    write_json_atomic(tmp / "config.json", config)
+    try:
+        tmp.mkdir(parents=True)
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                         tmp / "model.safetensors")
+        write_json_atomic(tmp / "config.json", config)
+    except OSError as e:  # a full disk: one line, and the previous export (if any) untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(out_dir / "model.safetensors", e) from None
     replace_dir(tmp, out_dir)
 
 

@@ -35,21 +35,21 @@ def test_interrupted_cache_resumes_and_matches_uninterrupted(setup, tmp_path):
     _, tok, ds = setup
     (tmp_path / "full").mkdir()
     (tmp_path / "part").mkdir()
-    records, n_full = encode(tmp_path / "full", tok, ds)
-    assert n_full == len(ds) == 40
+    records, n_full, reused = encode(tmp_path / "full", tok, ds)
+    assert n_full == len(ds) == 40 and reused == 0
     encode(tmp_path / "part", tok, ds)
     shards = sorted((tmp_path / "part").glob("*.safetensors"))
     shards[-1].unlink()  # killed before the last shard was written
     shards[1].write_bytes(shards[1].read_bytes()[:100])  # a torn file
-    _, n_resumed = encode(tmp_path / "part", tok, ds)
-    assert n_resumed == 8 + 8  # only the two missing/torn shards were encoded again
+    _, n_resumed, reused = encode(tmp_path / "part", tok, ds)
+    assert n_resumed == 8 + 8 and reused == 3  # only the two missing/torn shards were encoded again
     # a shard is encoded in the same batches of 4 whichever run writes it, in one process with one thread
     # count: the re-encoded shards are bit-identical by construction
     for rec in records:
         a, b = load_file(str(tmp_path / "full" / rec["file"])), load_file(str(tmp_path / "part" / rec["file"]))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    _, n_other = encode(tmp_path / "part", tok, ds, tok_hash="h2")
-    assert n_other == 40  # shards made by another tokenizer are not reused
+    _, n_other, reused = encode(tmp_path / "part", tok, ds, tok_hash="h2")
+    assert n_other == 40 and reused == 0  # shards made by another tokenizer are not reused
 
 
 @pytest.mark.numeric

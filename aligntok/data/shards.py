@@ -14,6 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from aligntok.io import write_error
+
 SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("label", pa.int64()),
                     ("class_name", pa.string())])
 MANIFEST = "manifest.json"
@@ -29,7 +31,8 @@ class ShardWriter:
     """Streams rows into one shard, a row group at a time (memory: one row group), published atomically on close.
 
     Rows go to a temp file in the same directory, renamed over `path` only when the writer closes cleanly, so a
-    killed writer never leaves a shard that looks complete.
+    killed writer never leaves a shard that looks complete; a failed write (a full disk) removes the temp file and
+    raises WriteError naming the shard.
     """
 
     def __init__(self, path: Path, row_group_rows: int = ROW_GROUP_ROWS):
@@ -37,8 +40,12 @@ class ShardWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         # PNG bytes neither compress nor repeat: no compression, and dictionaries and statistics only for the
         # small columns (a dictionary over the image column would only be built to be thrown away)
-        self._writer = pq.ParquetWriter(self.tmp, SCHEMA, compression="none", use_dictionary=["label", "class_name"],
-                                        write_statistics=["key", "label"])
+        try:
+            self._writer = pq.ParquetWriter(self.tmp, SCHEMA, compression="none",
+                                            use_dictionary=["label", "class_name"], write_statistics=["key", "label"])
+        except OSError as e:
+            self.tmp.unlink(missing_ok=True)
+            raise write_error(self.path, e) from None
         self._pending: list[dict] = []
         self.rows = 0
 
@@ -49,7 +56,10 @@ class ShardWriter:
 
     def _flush(self) -> None:
         if self._pending:
-            self._writer.write_table(pa.Table.from_pylist(self._pending, schema=SCHEMA))
+            try:
+                self._writer.write_table(pa.Table.from_pylist(self._pending, schema=SCHEMA))
+            except OSError as e:
+                raise write_error(self.path, e) from None
             self.rows += len(self._pending)
             self._pending = []
 
@@ -60,10 +70,16 @@ class ShardWriter:
         try:
             if kind is None:
                 self._flush()
-            self._writer.close()
-            if kind is None:
-                os.replace(self.tmp, self.path)
+                try:
+                    self._writer.close()
+                    os.replace(self.tmp, self.path)
+                except OSError as e:
+                    raise write_error(self.path, e) from None
         finally:
+            try:
+                self._writer.close()  # a no-op once closed
+            except OSError:
+                pass  # already failing (closing on a full disk fails too): the first error is the one reported
             self.tmp.unlink(missing_ok=True)
 
 

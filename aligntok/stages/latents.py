@@ -1,7 +1,9 @@
 """`aligntok cache-latents`: encode the train split with the final tokenizer into latent shards.
 
 Shards are written first under checkpoints/cache-latents/<tokenizer hash>/ (DVC deletes a stage's outs before
-it runs, so a resume must live elsewhere); a rerun skips finished shards (same tokenizer, same image indices).
+it runs, so a resume must live elsewhere); a rerun skips finished shards (same tokenizer, same image indices) and
+says how many it reused. A shard is written to a temp name and renamed into place, so a kill or a full disk never
+leaves a file that looks finished; a failed write stops the stage with one line naming the shard.
 Each rank encodes its own contiguous part of the train split, streaming it a row group at a time; rank 0 then
 computes latent_stats over all shards and hard-links the finished cache into outputs/latents, where
 `LatentDataset` memory-maps it.
@@ -15,11 +17,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from aligntok.config import Params
 from aligntok.data.latents import MANIFEST, compute_stats
-from aligntok.io import replace_dir, write_json_atomic
+from aligntok.io import replace_dir, write_json_atomic, write_safetensors_atomic
 from aligntok.progress import progress
 from aligntok.stages.common import CHECKPOINTS, LATENTS_DIR, data_dir, tokenizer_dir, write_metrics
 from aligntok.train.dist import barrier, cleanup, init_distributed
@@ -46,14 +47,19 @@ def _shard_done(path: Path, tok_hash: str, block: list[int]) -> bool:
 
 @torch.no_grad()
 def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank: int, shard_rows: int,
-                 batch_size: int, hflip: bool, tok_hash: str, device: torch.device) -> tuple[list[dict], int]:
-    """Encode `indices` of `dataset` into shards `r{rank}-{k}.safetensors`; returns (shard records, encoded)."""
-    records, encoded = [], 0
+                 batch_size: int, hflip: bool, tok_hash: str, device: torch.device) -> tuple[list[dict], int, int]:
+    """Encode `indices` of `dataset` into shards `r{rank}-{k}.safetensors`; returns (shard records, images
+    encoded, finished shards reused from an earlier run)."""
+    records, encoded, reused = [], 0, 0
+    for stale in out_dir.glob(f".latents-r{rank:03d}-*.tmp"):  # temp files of a killed run of this rank
+        stale.unlink(missing_ok=True)
     starts = range(0, len(indices), shard_rows)
     for k, start in enumerate(progress(starts, desc="cache-latents shards", enabled=rank == 0)):
         block = indices[start:start + shard_rows]
         path = out_dir / f"latents-r{rank:03d}-{k:05d}.safetensors"
-        if not _shard_done(path, tok_hash, block):
+        if _shard_done(path, tok_hash, block):
+            reused += 1
+        else:
             zs, zfs, labels = [], [], []
             for b in range(0, len(block), batch_size):
                 items = [dataset[i] for i in block[b:b + batch_size]]
@@ -68,11 +74,9 @@ def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank:
                        "indices": torch.tensor(block, dtype=torch.int64)}
             if hflip:
                 tensors["latents_flip"] = torch.cat(zfs)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp), metadata={"tokenizer_hash": tok_hash})
-            os.replace(tmp, path)
+            write_safetensors_atomic(path, tensors, metadata={"tokenizer_hash": tok_hash})
         records.append({"file": path.name, "rows": len(block)})
-    return records, encoded
+    return records, encoded, reused
 
 
 def run(params: Params, args) -> int:
@@ -92,9 +96,13 @@ def run(params: Params, args) -> int:
     mine = list(contiguous_part(len(dataset), dist.rank, dist.world_size))
     with stage_run(params, "cache-latents") as tracker:
         t0 = time.perf_counter()
-        records, encoded = encode_split(tokenizer, dataset, mine, work, rank=dist.rank,
-                                        shard_rows=params.latents.shard_rows, batch_size=params.latents.batch_size,
-                                        hflip=params.latents.hflip, tok_hash=tok_hash, device=dist.device)
+        records, encoded, reused = encode_split(tokenizer, dataset, mine, work, rank=dist.rank,
+                                                shard_rows=params.latents.shard_rows,
+                                                batch_size=params.latents.batch_size, hflip=params.latents.hflip,
+                                                tok_hash=tok_hash, device=dist.device)
+        if reused:
+            print(f"cache-latents: rank {dist.rank} reused {reused} of {len(records)} finished shards from {work}",
+                  flush=True)
         seconds = time.perf_counter() - t0
         barrier()
         if dist.is_main:

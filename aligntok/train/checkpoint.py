@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from aligntok.io import write_bytes_atomic
+from aligntok.io import save_safetensors, write_bytes_atomic
 
 KEEP = 2
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
@@ -69,9 +69,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, modules: dict[str, torch.nn.Mo
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(flat_state(modules), str(tmp / "model.safetensors"))
+        save_safetensors(flat_state(modules), tmp / "model.safetensors")  # a full disk raises OSError(ENOSPC)
         if ema:
-            save_file(flat_state(ema), str(tmp / "ema.safetensors"))
+            save_safetensors(flat_state(ema), tmp / "ema.safetensors")
         state = {
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
