@@ -156,14 +156,15 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from aligntok.data.shards import DataError
     from aligntok.eval.metrics import MetricError
     from aligntok.eval.npz import NpzError
+    from aligntok.generate import DitLoadError
     from aligntok.io import WriteError
     from aligntok.models.encoder import EncoderLoadError
     from aligntok.models.tokenizer import TokenizerLoadError
     from aligntok.train.checkpoint import CheckpointWriteError
     from aligntok.train.dist import SharedDirError
     from aligntok.train.loop import TrainingDiverged
-    return (DataError, LatentCacheError, NpzError, MetricError, TokenizerLoadError, EncoderLoadError, WriteError,
-            CheckpointWriteError, TrainingDiverged, SharedDirError)
+    return (DataError, LatentCacheError, NpzError, MetricError, TokenizerLoadError, EncoderLoadError, DitLoadError,
+            WriteError, CheckpointWriteError, TrainingDiverged, SharedDirError)
 
 
 def _switch_profile(name: str, target: Path) -> int:

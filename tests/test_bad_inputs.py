@@ -3,6 +3,7 @@ never execute code; credentials in a tracking URI never reach logs, params or ar
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,49 @@ def test_credentials_in_the_tracking_uri_never_reach_mlflow_or_logs(prepared, tm
         for art in client.list_artifacts(run.info.run_id, "config"):
             local = client.download_artifacts(run.info.run_id, art.path, str(tmp_path))
             assert secret not in Path(local).read_text()
+
+
+def _dit_export(repo, channels: int, config_channels: int) -> Path:
+    """A DiT export in outputs/dit/model with `channels`-channel weights, as train-dit writes it, trained on the
+    latents of a real `channels`-channel tokenizer; config.json claims `config_channels`."""
+    from aligntok.config import load_params
+    from aligntok.generate import save_dit
+    from aligntok.models.dit import build_dit
+    from aligntok.models.tokenizer import AlignTokenizer
+    from aligntok.stages.latents import tokenizer_hash
+    from aligntok.stages.tokenizer import tokenizer_config
+
+    params = load_params(repo / "params.yaml", check_paths=False)
+    other = repo.parent / f"tokenizer-{channels}ch"
+    torch.manual_seed(1)
+    AlignTokenizer({**tokenizer_config(params), "latent_channels": channels}).save_pretrained(other)
+    size = params.data.resolution // 16
+    dit = build_dit(params.dit.model, input_size=size, in_channels=channels, num_classes=params.data.num_classes)
+    out = repo / "outputs/dit/model"
+    save_dit(dit, out, {"model": params.dit.model, "input_size": size, "in_channels": config_channels,
+                        "num_classes": params.data.num_classes, "qk_norm": False,
+                        "latent_stats": {"mean": [0.0] * config_channels, "std": [1.0] * config_channels},
+                        "tokenizer_hash": tokenizer_hash(other)})
+    return out
+
+
+def test_dit_trained_on_other_channels_than_the_latents(prepared, tmp_path):
+    """A DiT trained on 16-channel latents, evaluated against the 32-channel tokenizer (ci profile)."""
+    repo, env = prepared
+    out = _dit_export(repo, channels=16, config_channels=16)
+    try:
+        _fails_in_one_line(_cli(repo, env, "evaluate", "--out", str(tmp_path / "m.json")),
+                           "outputs/dit/model", "16-channel", "32-channel", "re-run")
+    finally:
+        shutil.rmtree(out.parent)
+
+
+def test_dit_weights_that_do_not_match_their_config(prepared, tmp_path):
+    """16-channel weights beside a config.json that says 32 (two runs' files mixed): named, not a shape traceback."""
+    repo, env = prepared
+    out = _dit_export(repo, channels=16, config_channels=32)
+    try:
+        _fails_in_one_line(_cli(repo, env, "evaluate", "--out", str(tmp_path / "m.json")),
+                           "outputs/dit/model/model.safetensors", "in_channels 32", "different DiTs")
+    finally:
+        shutil.rmtree(out.parent)

@@ -125,6 +125,9 @@ def evaluate(params: Params, args, dist) -> int:
     coord = Coord(dist.rank, dist.world_size)
     if args.samples:  # a bad file fails now, not after the reference statistics
         check_images_npz(args.samples)
+    else:  # so does a DiT that does not fit the tokenizer's latents (weights not loaded yet)
+        from aligntok.generate import check_dit
+        check_dit(DIT_DIR, tokenizer_dir(3))
     extractor = feature_extractor(params).to(dist.device)
     ref = reference(params, args.reference or params.eval.reference, extractor, coord)
     protocol = protocol_of(params, extractor, ref)
