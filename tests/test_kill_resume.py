@@ -1,6 +1,7 @@
 """Kill and resume, as a cluster does it: SIGKILL of `dvc repro <stage>` (the whole process group) at a seeded
-random moment after the stage's first checkpoint, then `dvc repro <stage>` again. The rerun resumes, and the
-exported model is bit-identical to an uninterrupted run's (same machine, same threads: deterministic on CPU)."""
+random moment after the stage's first checkpoint (cache-latents: its first shards), then `dvc repro <stage>` again.
+The rerun resumes, says so, and the exported model (the latent cache) is bit-identical to an uninterrupted run's
+(same machine, same threads: deterministic on CPU)."""
 import hashlib
 import os
 import random
@@ -80,4 +81,44 @@ def test_sigkill_then_dvc_repro_resumes_bit_identically(built, tmp_path, stage):
 
     out = sh(["dvc", "repro", "-s", stage], repo, env)
     assert f"Running stage '{stage}'" in out.stdout
+    assert f"aligntok: {stage}: resuming at step {int(kept[-1][5:])} of 40" in out.stdout + out.stderr
     assert _digest(repo / weights) == reference
+
+
+def test_sigkill_of_cache_latents_then_dvc_repro_reuses_finished_shards(built, tmp_path):
+    """cache-latents in 2-row shards (~70 of them), killed after a seeded random number of shards exist: the rerun
+    reuses every shard written before the kill (same files, never rewritten), encodes the rest, and publishes
+    a cache bit-identical to an uninterrupted run's."""
+    src, env = built
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["latents"].update(shard_rows=2, batch_size=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    work = repo / "checkpoints" / "cache-latents"
+    shutil.rmtree(work, ignore_errors=True)
+
+    sh([sys.executable, "-m", "aligntok.cli", "cache-latents"], repo, env)  # the uninterrupted reference
+    latents = repo / "outputs" / "latents"
+    reference = {p.name: _digest(p) for p in latents.iterdir()}
+    total = len([n for n in reference if n.endswith(".safetensors")])
+    shutil.rmtree(work)
+
+    proc = subprocess.Popen(["dvc", "repro", "-s", "cache-latents"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    target = random.Random("cache-latents").randint(2, total // 3)  # a seeded random moment, in shards written
+    deadline = time.monotonic() + 300
+    while len(list(work.glob("*/latents-*.safetensors"))) < target:
+        assert proc.poll() is None, "stage ended before the kill"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.glob("*/latents-*.safetensors")}
+    assert target <= len(done) < total, (target, len(done), total)
+
+    out = sh(["dvc", "repro", "-s", "cache-latents"], repo, env)
+    assert f"reused {len(done)} of {total} finished shards" in out.stdout + out.stderr
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in done} == done  # not rewritten
+    assert not list(work.glob("*/.*.tmp"))  # the killed run's temp file is gone
+    assert {p.name: _digest(p) for p in latents.iterdir()} == reference

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import hashlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -153,6 +154,9 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
         start, history = resume.step, [h for h in resume.history if h["step"] <= resume.step]
         if ema:
             ema.updates = start
+        if dist.is_main:  # a resumed run says so (a log, a Prefect UI): never a silent restart nor a silent resume
+            print(f"aligntok: {desc}: resuming at step {start} of {cfg.steps} from {resume.path}", file=sys.stderr,
+                  flush=True)
     cuda_fast_math(dist.device)
     wrapped: list[nn.parallel.DistributedDataParallel] = []
     if dist.world_size > 1:
