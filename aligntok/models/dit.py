@@ -28,7 +28,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
+        """x * rsqrt(mean(x^2) + eps) * weight, in the reference's order. Same dtype as the weight (fp32 training):
+        one op, no casts. Lower-precision x (autocast): normalised in fp32, cast back, then scaled by the fp32
+        weight, exactly as the reference does."""
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 class SwiGLU(nn.Module):
@@ -61,14 +66,38 @@ def rope_angles(grid: int, head_dim: int, theta: float = 10000.0) -> torch.Tenso
     return ang.float()
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x (B, heads, N, D) by angles (N, <=D/2); extra channels pass through."""
-    n_rot = angles.shape[-1] * 2
-    xr, rest = x[..., :n_rot], x[..., n_rot:]
-    x1, x2 = xr[..., 0::2], xr[..., 1::2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return torch.cat([out, rest], dim=-1)
+def rope_table(angles: torch.Tensor) -> torch.Tensor:
+    """(N, P) rotation angles -> (N, P, 2) [cos, sin]: the table apply_rope uses (computed once per model)."""
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor | None = None, *, table: torch.Tensor | None = None,
+               token_dim: int = -2) -> torch.Tensor:
+    """Rotate consecutive channel pairs (2i, 2i+1) of x (..., D) by the angles (N, <=D/2) of its token, with N at
+    `token_dim` of x; channels beyond the rotated ones pass through. The reference's layout (EVA's interleaved
+    rotate_half). `table` (rope_table(angles)) skips recomputing cos/sin.
+
+    float32/64: one complex multiply per pair, (x_2i + i x_2i+1) * (cos + i sin), one kernel forward and one
+    backward instead of the reference's neg/stack/mul/mul/add; lower precisions (no complex type): swap each
+    pair and combine as x * [cos, cos] + swapped * [-sin, sin] (also under torch.compile, which fuses that real
+    form into one kernel)."""
+    if table is None:
+        table = rope_table(angles)
+    n_tok, pairs = table.shape[0], table.shape[1]
+    n_rot = 2 * pairs
+    xr = x if n_rot == x.shape[-1] else x[..., :n_rot]
+    token_dim = token_dim % x.dim()
+    shape = [1] * (x.dim() - 1)
+    shape[token_dim] = n_tok
+    if x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        rot = torch.view_as_complex(table.to(x.dtype)).view(*shape, pairs)
+        out = torch.view_as_real(torch.view_as_complex(xr.unflatten(-1, (pairs, 2))) * rot).flatten(-2)
+    else:
+        cos, sin = table.to(x.dtype).unbind(-1)
+        c = torch.stack([cos, cos], dim=-1).view(*shape, n_rot)
+        s = torch.stack([-sin, sin], dim=-1).view(*shape, n_rot)
+        out = torch.addcmul(xr * c, xr.unflatten(-1, (pairs, 2)).flip(-1).flatten(-2), s)
+    return out if n_rot == x.shape[-1] else torch.cat([out, x[..., n_rot:]], dim=-1)
 
 
 class Attention(nn.Module):
@@ -76,22 +105,30 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.qk_norm = qk_norm
         self.q_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope: torch.Tensor | None):
+        """rope: rope_table(...) of shape (N, pairs, 2), or None."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # split, not slicing: its backward writes both gradients into one buffer (slices' backward zero-fills a
+        # full-size buffer for each and adds them)
+        qk, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).split([2, 1], dim=2)
+        if self.qk_norm:
+            qk = torch.stack([self.q_norm(qk[:, :, 0]), self.k_norm(qk[:, :, 1])], dim=2)
+        if rope is not None:  # q and k rotated together, in their (B, N, 2, heads, D) layout: no copies before it
+            qk = apply_rope(qk, table=rope, token_dim=1)
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        v = v.squeeze(2).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    """x * (1 + scale) + shift as one fused multiply-add over the tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 class Block(nn.Module):
@@ -106,13 +143,18 @@ class Block(nn.Module):
 
     def forward(self, x, c, rope):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1.unsqueeze(1), self.attn(modulate(self.norm1(x), shift1, scale1), rope))
+        return torch.addcmul(x, gate2.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+
+def _final_layer(model: "LightningDiT", tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    shift, scale = model.final_modulation(c).chunk(2, dim=1)
+    return model.final_linear(modulate(model.norm_final(tokens), shift, scale))
 
 
 @cache
-def _compiled_block_forward(mode: str | None) -> Callable:
-    return torch.compile(Block.forward, mode=mode)
+def _compiled(fn: Callable, mode: str | None) -> Callable:
+    return torch.compile(fn, mode=mode)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -148,8 +190,8 @@ class LightningDiT(nn.Module):
         self.t_embedder = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)  # index num_classes = null class (CFG)
         self.register_buffer("pos_embed", sincos_2d(hidden_size, self.grid)[None], persistent=False)
-        rope = rope_angles(self.grid, hidden_size // num_heads // 2 * 2) if use_rope else None
-        self.register_buffer("rope", rope, persistent=False)
+        rope = rope_table(rope_angles(self.grid, hidden_size // num_heads // 2 * 2)) if use_rope else None
+        self.register_buffer("rope", rope, persistent=False)  # (N, pairs, 2): cos, sin of each rotated pair
         self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, qk_norm, use_swiglu, use_rmsnorm)
                                      for _ in range(depth)])
         norm = RMSNorm if use_rmsnorm else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
@@ -164,7 +206,8 @@ class LightningDiT(nn.Module):
         self.initialize_weights()
 
     def compile_blocks(self, mode: str | None = None) -> None:
-        """Run every block through one torch.compile'd Block.forward (identical blocks share one graph).
+        """Run every block through one torch.compile'd Block.forward (identical blocks share one graph), and the
+        final layer through another.
 
         Only a flag is stored: parameter names and state_dict keys stay the eager model's, and a deepcopy (the
         EMA) gets its own parameters rather than a compiled wrapper bound to this model's blocks."""
@@ -201,15 +244,15 @@ class LightningDiT(nn.Module):
         b, _, h, w = x.shape
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(timestep_embedding(t)) + self.y_embedder(self.drop_labels(y))
-        run = _compiled_block_forward(self.compile_mode) if self.compiled else Block.__call__
+        run = _compiled(Block.forward, self.compile_mode) if self.compiled else Block.__call__
+        final = _compiled(_final_layer, self.compile_mode) if self.compiled else _final_layer
         remat = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
             if remat:  # non-reentrant: works with DDP, autocast and inputs that need no grad
                 tokens = checkpoint(run, blk, tokens, c, self.rope, use_reentrant=False)
             else:
                 tokens = run(blk, tokens, c, self.rope)
-        shift, scale = self.final_modulation(c).chunk(2, dim=1)
-        out = self.final_linear(modulate(self.norm_final(tokens), shift, scale))
+        out = final(self, tokens, c)
         p, g = self.patch_size, self.grid
         out = out.view(b, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
         out = out.reshape(b, self.out_channels, g * p, g * p)
