@@ -1,8 +1,15 @@
 """LightningDiT throughput on 16x16x32 latents: train step (forward + backward + AdamW) and sampling (one Euler
 step, and a 30-step sampler derived from it), with FLOPs from FlopCounterMode and achieved FLOP/s against a
-float32 GEMM peak measured in the same run, plus the SDPA kernel the attention actually dispatched to."""
+float32 GEMM peak measured in the same run, plus the SDPA kernel the attention actually dispatched to.
+
+`reference` compares our train step with LightningDiT's own model code (aligntok.bench.lightningdit_reference) on
+the same config, weights, batch and optimizer, in this process: eager against eager, and our dit.compile against
+the reference as it ships (its blocks, final layer, embedders, modulate and SwiGLU under torch.compile). Issue 11's
+goal is ours >= 1.2x the reference."""
 from __future__ import annotations
 
+import statistics
+import sys
 import time
 
 import torch
@@ -10,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from aligntok.diffusion.flow import FlowMatching
+from aligntok.bench.lightningdit_reference import build_reference, reference_key
 from aligntok.diffusion.sampler import sample
 from aligntok.models.dit import build_dit
 from aligntok.stages.bench import gemm_peak_flops
@@ -18,6 +26,7 @@ from aligntok.train.loop import adamw, cuda_fast_math
 LATENT = (32, 16, 16)
 NUM_CLASSES = 1000
 SAMPLER_STEPS = 30
+GOAL = 1.2  # issue 11: our train step >= 1.2x the reference model code's
 
 
 class _SdpaKernels(TorchDispatchMode):
@@ -112,16 +121,118 @@ def measure(name: str, batch: int, steps: int, device: torch.device, variants: t
             "sample_flop_per_step": step_flops, "sample_achieved_flop_s": step_flops / step_s, **options}
 
 
+def _share_weights(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
+    """Make the reference's parameters our Parameter objects (same weights, one AdamW state for both): the two
+    models then fit in memory together even at XL/1, and every step of either trains the same weights."""
+    params = dict(ours.named_parameters())
+    for name, _ in list(ours.named_parameters()):
+        mod_name, _, attr = reference_key(name).rpartition(".")
+        mod = ref.get_submodule(mod_name)
+        if getattr(mod, attr).shape != params[name].shape:
+            raise ValueError(f"reference {reference_key(name)}: shape {tuple(getattr(mod, attr).shape)}, "
+                             f"ours {name}: {tuple(params[name].shape)}")
+        setattr(mod, attr, params[name])
+
+
+def compare_reference(name: str, batch: int, steps: int, rounds: int, device: torch.device,
+                      compiled: bool = True) -> dict:
+    """Train steps of ours and of the reference, interleaved: each round times `steps` steps of every variant
+    (ours / reference, eager / compiled) back to back, so load on the machine hits all of them alike; the
+    per-round ratios give the spread. Compiled variants get one untimed step first (their compile)."""
+    torch.manual_seed(0)
+    model = build_dit(name, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES).to(device)
+    ref = build_reference(name, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES).to(device)
+    _share_weights(model, ref)
+    opt = adamw(model.parameters(), device, lr=1e-4)
+    fm = FlowMatching()
+    x = torch.randn(batch, *LATENT, device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+
+    def step(m, stance):
+        def run_step():
+            with torch.compiler.set_stance(stance):
+                loss, _ = fm.loss(m, x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return run_step
+
+    model.compiled = False
+    variants = {"ours_eager": step(model, "default"), "reference_eager": step(ref, "force_eager")}
+    if compiled:
+        variants["ours_compiled"] = step(model, "default")
+        variants["reference_compiled"] = step(ref, "default")  # the reference as it ships
+
+    def set_mode(key):
+        model.compiled = key == "ours_compiled"
+
+    set_mode("ours_eager")
+    flops = _flops(variants["ours_eager"])  # the same model FLOPs for every variant (eager count)
+    first = {}
+    for key, fn in variants.items():
+        set_mode(key)
+        t0 = time.perf_counter()
+        fn()  # warm-up; for the compiled variants, the compile
+        first[key] = time.perf_counter() - t0
+    times = {key: [] for key in variants}
+    for _ in range(rounds):
+        for key, fn in variants.items():
+            set_mode(key)
+            times[key].append(_time(fn, steps, device))
+    set_mode("ours_eager")
+    out = {"model": name, "batch": batch, "steps_per_round": steps, "rounds": rounds, "train_flop_per_step": flops,
+           "first_step_s": first, "s_per_step_per_round": times}
+    for key, ts in times.items():
+        med = statistics.median(ts)
+        out[f"{key}_img_per_s"] = batch / med
+        out[f"{key}_achieved_flop_s"] = flops / med
+
+    def ratio(a, b):  # speed of a over b: per-round, then median and range
+        r = [tb / ta for ta, tb in zip(times[a], times[b])]
+        return {"median": statistics.median(r), "min": min(r), "max": max(r)}
+
+    pairs = [("ours_eager", "reference_eager")]
+    if compiled:
+        pairs += [("ours_compiled", "reference_compiled"), ("ours_eager", "reference_compiled"),
+                  ("ours_compiled", "reference_eager")]
+    out["speedup"] = {f"{a}_over_{b}": ratio(a, b) for a, b in pairs}
+    return out
+
+
+def _summary(result: dict) -> list[str]:
+    lines = [f"GEMM peak (float32, {result['device']}, {result['threads']} threads): "
+             f"{result['gemm_peak_flop_s'] / 1e9:.1f} GFLOP/s at start, "
+             f"{result['gemm_peak_flop_s_end'] / 1e9:.1f} after the comparison (fractions: of the larger)",
+             "reference = LightningDiT's model code; _compiled: ours with dit.compile, the reference as it ships",
+             "model | batch | variant | img/s | fraction of GEMM peak"]
+    for r in result["reference"]:
+        for key in ("ours_eager", "reference_eager", "ours_compiled", "reference_compiled"):
+            if f"{key}_img_per_s" in r:
+                lines.append(f"{r['model']} | {r['batch']} | {key} | {r[f'{key}_img_per_s']:.3f} | "
+                             f"{r[f'{key}_fraction_of_gemm_peak']:.3f}")
+        for pair, v in r["speedup"].items():
+            lines.append(f"{r['model']} batch {r['batch']}: {pair} = {v['median']:.3f}x "
+                         f"(rounds {v['min']:.3f}-{v['max']:.3f}); goal {GOAL}x "
+                         f"{'met' if v['median'] >= GOAL else 'not met'}")
+    return lines
+
+
 def run(batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1"), steps: int = 3, quick: bool = False,
-        device: str | torch.device | None = None) -> dict:
-    """Timed steps per row: `steps` (XL-sized models: at most 2). quick: tiny at batch 2 only.
+        device: str | torch.device | None = None,
+        reference=(("LightningDiT-B/1", 4), ("LightningDiT-XL/1", 2)), reference_rounds: int = 3,
+        reference_compile: bool = True) -> dict:
+    """Timed steps per row: `steps` (XL-sized models: at most 2). quick: tiny at batch 2 only, and the reference
+    comparison on tiny at batch 4, eager only.
 
     The tiny rows also time the train step with dit.grad_checkpointing and (not with quick: on a CPU the compile
-    alone takes about a minute, reported as first_step_s_compile) with dit.compile's steady-state step."""
+    alone takes about a minute, reported as first_step_s_compile) with dit.compile's steady-state step.
+    `reference`: (model, batch) pairs compared with LightningDiT's model code, `reference_rounds` rounds of 2 steps
+    (XL: 1) per variant, with the compiled variants unless reference_compile is False."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda_fast_math(dev)
     if quick:
         batch_sizes, models = (2,), ("tiny",)
+        reference, reference_rounds, reference_compile = (("tiny", 4),), 2, False
     peak = gemm_peak_flops(dev)
     rows = []
     for name in models:
@@ -131,5 +242,19 @@ def run(batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1"), steps: int 
             r["train_fraction_of_gemm_peak"] = r["train_achieved_flop_s"] / peak
             r["sample_fraction_of_gemm_peak"] = r["sample_achieved_flop_s"] / peak
             rows.append(r)
-    return {"device": str(dev), "threads": torch.get_num_threads(), "latent_shape": list(LATENT),
-            "gemm_peak_flop_s": peak, "attention_backend": attention_backend(dev), "rows": rows}
+    compared = [compare_reference(name, b, 1 if "XL" in name else 2, reference_rounds, dev, reference_compile)
+                for name, b in reference]
+    # the peak again after the comparison: on a shared machine the two differ, and the larger is the yardstick
+    best = max(peak, peak_end := gemm_peak_flops(dev))
+    for r in compared:
+        for key in ("ours_eager", "reference_eager", "ours_compiled", "reference_compiled"):
+            if f"{key}_achieved_flop_s" in r:
+                r[f"{key}_fraction_of_gemm_peak"] = r[f"{key}_achieved_flop_s"] / best
+    result = {"device": str(dev), "threads": torch.get_num_threads(), "latent_shape": list(LATENT),
+              "gemm_peak_flop_s": peak, "attention_backend": attention_backend(dev), "rows": rows,
+              "reference": compared, "gemm_peak_flop_s_end": peak_end, "gemm_peak_flop_s_best": best}
+    result["goal"] = {"ratio": GOAL, "met": {f"{r['model']} batch {r['batch']}: {k}": v["median"] >= GOAL
+                                             for r in compared for k, v in r["speedup"].items()}}
+    result["summary"] = _summary(result)
+    print("\n".join(result["summary"]), file=sys.stderr)
+    return result
