@@ -85,7 +85,12 @@ def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: int, log) -> 
     """Run `cmd` in a new process group, forward its lines to `log`, kill the group on timeout or cancel."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
-    timer = threading.Timer(timeout_s, lambda: _kill_group(proc))
+    timed_out = threading.Event()
+
+    def on_timeout() -> None:
+        timed_out.set()
+        _kill_group(proc)
+    timer = threading.Timer(timeout_s, on_timeout)
     timer.start()
     tail: list[str] = []
     try:
@@ -102,8 +107,9 @@ def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: int, log) -> 
         # dvc exits 255 whatever the stage did; its last lines carry the stage's own exit code
         found = re.findall(r"exited with (-?\d+)", "".join(tail))
         stage_code = int(found[-1]) if found else code
-        raise StageFailed(f"{' '.join(cmd)} exited with {stage_code}" + (" (killed: timeout)" if code < 0 else ""),
-                          stage_code)
+        why = (f" (killed: timeout after {timeout_s} s)" if timed_out.is_set()
+               else f" (killed by signal {-code})" if code < 0 else "")  # preempted, OOM-killed: not a timeout
+        raise StageFailed(f"{' '.join(cmd)} exited with {stage_code}{why}", stage_code)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

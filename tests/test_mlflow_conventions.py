@@ -79,3 +79,14 @@ def test_stage_failures_are_retried_only_when_a_rerun_can_help(tmp_path):
     assert fail_with(2).code == 2  # dvc's own 255 is not what decides
     for code, retry in [(2, False), (3, False), (1, True), (-9, True)]:
         assert transient(None, None, Failed(data=fail_with(code))) is retry, code
+
+
+def test_a_killed_stage_is_not_reported_as_a_timeout(tmp_path):
+    """A stage killed from outside (preemption, the OOM killer) is named so; only the flow's own timer is a timeout."""
+    killed = "kill -9 $$"  # the stage's group leader dies of SIGKILL, as under the OOM killer
+    with pytest.raises(StageFailed) as err:
+        run_streaming(["sh", "-c", killed], tmp_path, dict(os.environ), 60, lambda line: None)
+    assert str(err.value).endswith("exited with -9 (killed by signal 9)") and err.value.code == -9
+    with pytest.raises(StageFailed) as err:
+        run_streaming(["sh", "-c", "exec sleep 60"], tmp_path, dict(os.environ), 1, lambda line: None)
+    assert "(killed: timeout after 1 s)" in str(err.value)
