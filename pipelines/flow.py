@@ -4,7 +4,9 @@ Each flow run works in its own run directory, a detached git worktree under `run
 UI-triggered ablation never overwrites the workspace's results. The worktree shares the main DVC cache, so any
 stage whose inputs and params are unchanged is restored from DVC's run-cache instead of recomputed, and DVC (not
 Prefect) does all caching. Every stage runs as `dvc repro <stage>` in its own process group; its output streams
-into the Prefect log, and cancelling or timing out kills the whole group (torchrun children included).
+into the Prefect log, and cancelling or timing out kills the whole group (torchrun children included). A killed
+stage is retried once in the same directory and resumes from its checkpoint; a flow run that fails or crashes
+keeps its directory, so retrying that flow run resumes too.
 
 No `from __future__ import annotations` here: Prefect builds the deployment's parameter model from the flow's
 signature when a served deployment starts a run, and string annotations (`"PipelineParams"`) cannot be resolved
@@ -204,10 +206,13 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     except Exception:
         status = "FAILED"
         raise
-    finally:  # the MLflow parent run takes the flow's real status; the worktree goes, its results stay
+    finally:  # the MLflow parent run takes the flow's real status
         end_parent_run(resolved, parent, status)
         metrics = _read_metrics(run_dir)
-        archive_run_dir(run_dir)
+        if status == "FINISHED":  # the worktree goes, its results stay
+            archive_run_dir(run_dir)
+        # a failed run keeps its worktree, checkpoints included: Retry (the UI's button) runs the same flow run in
+        # the same directory, finished stages are skipped by DVC and the failed one resumes from its checkpoint
     create_markdown_artifact(markdown=metrics_table(metrics) + mlflow_note(resolved, parent), key="final-metrics",
                              description=f"evaluate.json of {run_dir.name}")
     if parent and tracking_uri(resolved).startswith("http"):
