@@ -238,3 +238,28 @@ def test_random_lpips_trunk_is_the_same_whatever_the_global_seed():
     d2 = build_lpips("alex", pretrained_backbone=False)(a, b)
     assert torch.equal(d1, d2)  # same weights, same batch, one process: bit-identical by construction
     assert torch.equal(torch.get_rng_state(), state)  # building it does not disturb the caller's RNG
+
+
+@pytest.mark.parametrize("kind", ["aligntok", "vae"])
+def test_latent_stride_8_gives_a_twice_finer_grid_and_round_trips(kind, tmp_path):
+    config = {"kind": kind, "encoder_arch": "tf_efficientnet_lite0", "encoder_pretrained": "none", "image_size": 64,
+              "size": "tiny", "latent_channels": 8, "adapter_hidden": 16, "latent_stride": 8}
+    model = AlignTokenizer(config)
+    x_rec, mean, _ = model(images(2, 64))
+    assert mean.shape == (2, 8, 8, 8) and x_rec.shape == (2, 3, 64, 64) and model.grid_size == 8
+    if kind == "aligntok":
+        assert model.encoder.out_channels == 40  # EfficientNet-Lite0's stride-8 stage
+    model.save_pretrained(tmp_path / "tok")
+    assert AlignTokenizer.from_pretrained(tmp_path / "tok").config["latent_stride"] == 8
+    with pytest.raises(ValueError, match="latent_stride must be one of"):
+        AlignTokenizer({**config, "latent_stride": 4})
+
+
+def test_a_saved_tokenizer_without_latent_stride_is_the_papers_stride_16(tmp_path):
+    import json
+    model = AlignTokenizer({"kind": "vae", "image_size": 32, "size": "tiny", "latent_channels": 4})
+    model.save_pretrained(tmp_path / "tok")
+    cfg = json.loads((tmp_path / "tok" / "config.json").read_text())
+    del cfg["latent_stride"]  # written before the key existed
+    (tmp_path / "tok" / "config.json").write_text(json.dumps(cfg))
+    assert AlignTokenizer.from_pretrained(tmp_path / "tok").grid_size == 2

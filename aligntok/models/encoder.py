@@ -1,4 +1,4 @@
-"""Foundation encoders (DINOv2 and friends through timm) that map an image to a stride-16 feature grid."""
+"""Foundation encoders (DINOv2 and friends through timm) that map an image to a stride-16 (or 8) feature grid."""
 from __future__ import annotations
 
 import importlib.resources
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LATENT_STRIDE = 16  # every tokenizer latent grid is image_size / 16 per side
+LATENT_STRIDE = 16  # the paper's latent grid: image_size / 16 per side
+LATENT_STRIDES = (8, 16)  # 8: the smoke profile's 64 px images get an 8x8 grid (a CNN's stride-8 map)
 EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 
 
@@ -29,7 +30,7 @@ def _freeze_bn_train(module: nn.Module) -> None:
 
 
 class FoundationEncoder(nn.Module):
-    """x in [-1, 1], Bx3xHxW -> BxCx(H/16)x(W/16) feature map of a (pretrained) timm backbone."""
+    """x in [-1, 1], Bx3xHxW -> BxCx(H/s)x(W/s) feature map of a (pretrained) timm backbone, s = 16 or 8."""
 
     def __init__(self, backbone: nn.Module, kind: str, out_channels: int, grid_size: int,
                  mean, std, input_size: int | None = None):
@@ -148,16 +149,19 @@ def _create(arch: str, hub: bool, **kwargs) -> nn.Module:
                                f"set encoder.pretrained to a local .safetensors or .pt file path instead") from e
 
 
-def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: bool = True) -> FoundationEncoder:
-    """Build a timm backbone as a stride-16 encoder.
+def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: bool = True,
+                  stride: int = LATENT_STRIDE) -> FoundationEncoder:
+    """Build a timm backbone as a stride-`stride` encoder (16, the paper's; or 8).
 
     pretrained: 'none' | 'hub' | 'efficientnet-lite0' | a local .safetensors / .pt path.
     load_weights=False keeps the normalisation that `pretrained` implies but skips fetching the weights
     (used when a saved tokenizer's state dict is loaded on top).
     """
-    if image_size % LATENT_STRIDE:
-        raise ValueError(f"image_size {image_size} is not a multiple of {LATENT_STRIDE}")
-    grid = image_size // LATENT_STRIDE
+    if stride not in LATENT_STRIDES:
+        raise ValueError(f"latent stride must be one of {LATENT_STRIDES}, got {stride}")
+    if image_size % stride:
+        raise ValueError(f"image_size {image_size} is not a multiple of the latent stride {stride}")
+    grid = image_size // stride
     hub = pretrained == "hub" and load_weights
     if not timm.is_model(arch):
         raise EncoderLoadError(f"unknown timm architecture {arch!r}")
@@ -166,6 +170,7 @@ def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: boo
     if _is_vit(probe):
         # A patch-14 ViT would give 18x18 tokens at 256 px; resizing the input to grid*patch (224 at 256 px)
         # keeps the 16x downsampling of the paper's 16x16x32 latent and matches DINOv2's 224 training size.
+        # (Stride 8 enlarges the input instead: grid*patch = 2x the image.)
         p = probe.patch_embed.patch_size
         input_size = grid * int(p[0] if isinstance(p, (tuple, list)) else p)
         backbone = _create(arch, hub, img_size=input_size, num_classes=0)
@@ -173,9 +178,9 @@ def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: boo
     else:
         with torch.device("meta"):
             reductions = timm.create_model(arch, pretrained=False, features_only=True).feature_info.reduction()
-        idx = [i for i, r in enumerate(reductions) if r == LATENT_STRIDE]
+        idx = [i for i, r in enumerate(reductions) if r == stride]
         if not idx:
-            raise EncoderLoadError(f"{arch} has no stride-{LATENT_STRIDE} feature map")
+            raise EncoderLoadError(f"{arch} has no stride-{stride} feature map")
         backbone = _create_features(arch, hub, idx[-1])
         kind, channels, input_size = "cnn", backbone.feature_info.channels()[-1], None
     mean, std = probe.pretrained_cfg.get("mean", (0.5,) * 3), probe.pretrained_cfg.get("std", (0.5,) * 3)

@@ -11,7 +11,7 @@ from torch import nn
 
 from aligntok.models.adapter import Adapter
 from aligntok.models.decoder import Decoder
-from aligntok.models.encoder import LATENT_STRIDE, build_encoder
+from aligntok.models.encoder import LATENT_STRIDE, LATENT_STRIDES, build_encoder
 from aligntok.models.vae import ConvEncoder
 
 # --- the paper's tokenizer (ImageNet 256^2 -> 16x16x32); see also TOKENIZER_SIZES['paper'] ---
@@ -33,7 +33,7 @@ TOKENIZER_SIZES: dict[str, dict] = {
 
 DEFAULT_CONFIG = {"kind": "aligntok", "encoder_arch": PAPER_ENCODER_ARCH, "encoder_pretrained": "hub",
                   "image_size": PAPER_IMAGE_SIZE, "latent_channels": PAPER_LATENT_CHANNELS, "size": "paper",
-                  "kl": PAPER_KL, "adapter_hidden": PAPER_ADAPTER_HIDDEN}
+                  "kl": PAPER_KL, "adapter_hidden": PAPER_ADAPTER_HIDDEN, "latent_stride": LATENT_STRIDE}
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
@@ -53,7 +53,16 @@ def _normalise(config: dict) -> dict:
     cfg["image_size"], cfg["latent_channels"] = int(cfg["image_size"]), int(cfg["latent_channels"])
     cfg["adapter_hidden"], cfg["kl"] = int(cfg["adapter_hidden"]), bool(cfg["kl"])
     cfg["encoder_pretrained"] = str(cfg["encoder_pretrained"])
+    cfg["latent_stride"] = int(cfg["latent_stride"])
+    if cfg["latent_stride"] not in LATENT_STRIDES:
+        raise ValueError(f"latent_stride must be one of {LATENT_STRIDES}, got {cfg['latent_stride']}")
     return cfg
+
+
+def _levels(size: dict, stride: int) -> dict:
+    """A size's up/down path for `stride`: stride 8 drops the coarsest of the five stride-16 levels."""
+    n = stride.bit_length()  # 16 -> 5 levels, 8 -> 4
+    return {**size, "ch_mult": tuple(size["ch_mult"][:n])}
 
 
 class AlignTokenizer(nn.Module):
@@ -63,11 +72,12 @@ class AlignTokenizer(nn.Module):
     def __init__(self, config: dict, _load_encoder_weights: bool = True):
         super().__init__()
         self.config = cfg = _normalise(config)
-        size = TOKENIZER_SIZES[cfg["size"]]
+        stride = cfg["latent_stride"]
+        size = _levels(TOKENIZER_SIZES[cfg["size"]], stride)
         latent = cfg["latent_channels"]
         if cfg["kind"] == "aligntok":
             self.encoder = build_encoder(cfg["encoder_arch"], cfg["encoder_pretrained"], cfg["image_size"],
-                                         load_weights=_load_encoder_weights)
+                                         load_weights=_load_encoder_weights, stride=stride)
             self.adapter = Adapter(self.encoder.out_channels, latent, cfg["adapter_hidden"], cfg["kl"])
         else:
             # encoder_arch / encoder_pretrained / adapter_hidden do not apply to the from-scratch baseline
@@ -77,7 +87,7 @@ class AlignTokenizer(nn.Module):
             self.adapter = Adapter(2 * latent, latent, hidden=0, kl=cfg["kl"])
         self.decoder = Decoder(latent, 3, ch=size["ch"], ch_mult=size["ch_mult"],
                                num_res_blocks=size["num_res_blocks"], attn_resolutions=size["attn_resolutions"],
-                               upsample_factor=LATENT_STRIDE, mid_attn=size["mid_attn"])
+                               upsample_factor=stride, mid_attn=size["mid_attn"])
 
     @property
     def latent_channels(self) -> int:

@@ -1,0 +1,148 @@
+"""`aligntok study-report`: the small-scale study (`make study`) from MLflow, as reports/study.md + PNG plots.
+
+Variants, told apart by each run's logged params (so any run of the DAG can be placed):
+  a  AlignTok, three stages          (default recipe)
+  b  stage 1 only, frozen encoder    (tokenizer.stage2.steps = tokenizer.stage3.steps = 0)
+  c  AlignTok without semantic pres. (tokenizer.stage2.semantic_weight = 0)
+  d  from-scratch VAE baseline       (tokenizer.kind = vae)
+Per pipeline (one per variant and seed) it reads the `evaluate` child run (rPSNR, semantic cosine, linear probe,
+judge FD and class accuracy of samples) and the `train-dit` child run's probe history (the convergence curve).
+The newest pipeline per (variant, seed) counts; a pipeline without both runs (interrupted) is left out.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from aligntok.config import Params
+
+VARIANTS = {"a": "AlignTok (3 stages)", "b": "stage 1 only (frozen encoder)", "c": "AlignTok, no semantic preservation",
+            "d": "from-scratch VAE"}
+SCALARS = [("psnr", "rPSNR (dB)"), ("semantic_cosine", "semantic cosine"), ("linear_probe_acc", "linear probe acc"),
+           ("fd_judge", "judge FD"), ("class_acc_judge", "judge class acc"),
+           ("fd_judge_cfg", "judge FD, CFG"), ("class_acc_judge_cfg", "judge class acc, CFG")]
+CURVES = [("probe_fd", "judge FD of samples (lower is better)"), ("probe_class_acc", "judge class accuracy of samples")]
+
+
+def variant_of(p: dict[str, str]) -> str:
+    if p.get("tokenizer.kind") == "vae":
+        return "d"
+    if p.get("tokenizer.stage2.steps") == "0" and p.get("tokenizer.stage3.steps") == "0":
+        return "b"
+    if float(p.get("tokenizer.stage2.semantic_weight", "1")) == 0:
+        return "c"
+    return "a"
+
+
+def collect(runs, history) -> dict[tuple[str, str], dict]:
+    """{(variant, seed): {"metrics": {...}, "curves": {name: [(step, value)]}, "start": ms, "end": ms}}.
+    `history(run_id, key)` returns [(step, value)] (MLflow's metric history)."""
+    by_pipeline: dict[str, dict] = defaultdict(dict)
+    for r in runs:
+        stage, pid = r.data.tags.get("stage"), r.data.tags.get("pipeline_id")
+        if stage in ("evaluate", "train-dit") and pid and r.info.status == "FINISHED":
+            by_pipeline[pid][stage] = r
+    out: dict[tuple[str, str], dict] = {}
+    for pid, stages in by_pipeline.items():
+        if len(stages) < 2:
+            continue
+        ev, dit = stages["evaluate"], stages["train-dit"]
+        key = (variant_of(ev.data.params), ev.data.params.get("seed", "?"))
+        entry = {"metrics": dict(ev.data.metrics), "curves": {name: history(dit.info.run_id, name) for name, _ in CURVES},
+                 "start": dit.info.start_time, "end": ev.info.end_time or ev.info.start_time, "pipeline": pid}
+        if key not in out or out[key]["end"] < entry["end"]:
+            out[key] = entry
+    return out
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3g} ± {sd:.2g}"
+
+
+def summarise(found: dict) -> tuple[list[str], dict]:
+    """Markdown table lines (mean ± sd over seeds, n seeds) and per-variant mean curves {variant: {name: [(s, m, sd)]}}."""
+    rows = ["| variant | seeds | " + " | ".join(label for _, label in SCALARS) + " |",
+            "| --- | ---: |" + " ---: |" * len(SCALARS)]
+    curves: dict = {}
+    for v, name in VARIANTS.items():
+        entries = [e for (var, _), e in sorted(found.items()) if var == v]
+        if not entries:
+            continue
+        cells = [_mean_sd([e["metrics"][k] for e in entries if k in e["metrics"]]) for k, _ in SCALARS]
+        rows.append(f"| ({v}) {name} | {len(entries)} | " + " | ".join(cells) + " |")
+        curves[v] = {}
+        for key, _ in CURVES:
+            steps = sorted({s for e in entries for s, _ in e["curves"][key]})
+            points = []
+            for s in steps:
+                vals = [val for e in entries for st, val in e["curves"][key] if st == s]
+                points.append((s, statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0))
+            curves[v][key] = points
+    return rows, curves
+
+
+def plot(curves: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # a file, no display
+    import matplotlib.pyplot as plt
+    paths = []
+    for key, label in CURVES:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for v, per in curves.items():
+            pts = per.get(key) or []
+            if pts:
+                s, m, sd = zip(*pts)
+                ax.errorbar(s, m, yerr=sd, marker="o", capsize=3, label=f"({v}) {VARIANTS[v]}")
+        ax.set_xlabel("DiT training steps")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"study_{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def report(found: dict, out_dir: Path, command: str, commit: str | None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, curves = summarise(found)
+    plots = plot(curves, out_dir)
+    starts, ends = [e["start"] for e in found.values()], [e["end"] for e in found.values()]
+    wall = (max(ends) - min(starts)) / 60000 if found else 0.0
+    lines = ["# Small-scale study: is an aligned semantic encoder's latent space easier for a DiT?", "",
+             f"Made by `{command}` at commit `{commit or 'unknown'}` on {time.strftime('%Y-%m-%d')}; "
+             f"{len(found)} pipelines, first DiT start to last evaluate end: {wall:.1f} min.", "",
+             "Every number is a mean ± standard deviation over seeds, read from MLflow. Judge metrics use the "
+             "independent judge classifier (aligntok/eval/judge.py), not the tokenizer's encoder.", "",
+             *rows, "", "## Convergence (diffusability probe during DiT training, no CFG)", "",
+             *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    path = out_dir / "study.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run(params: Params, args) -> int:
+    import mlflow
+
+    from aligntok.tracking import search_runs
+    from aligntok.tracking.uri import source_commit, tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(params))
+
+    def history(run_id: str, key: str):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+    found = collect(search_runs(params, args.experiment), history)
+    if not found:
+        print(f"study-report: no finished evaluate + train-dit pipelines in experiment "
+              f"{args.experiment or params.tracking.experiment!r}")
+        return 1
+    path = report(found, Path(args.out), args.command_line, source_commit())
+    print(f"study-report: {len(found)} pipelines -> {path}")
+    return 0

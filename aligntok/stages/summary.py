@@ -1,0 +1,54 @@
+"""`aligntok summary`: what the last DAG run produced, in one screen (the end of `make demo`).
+
+Every number is printed beside the protocol it was measured under (backbone, sample count, reference), read
+from outputs/protocol/evaluate.json, so a number is never shown without what makes it comparable.
+"""
+from __future__ import annotations
+
+import json
+
+from aligntok.config import Params
+from aligntok.stages.common import OUTPUTS, metrics_path, protocol_path
+
+
+def _labels(p: dict) -> dict[str, str]:
+    gen = (f"{p.get('fid_backbone')}-{p.get('feature_dim')}, {p.get('num_samples')} samples, {p.get('sampler')} "
+           f"{p.get('steps')} steps, vs {p.get('reference')}")
+    recon = f"{p.get('recon_images')} val images"
+    return {"gfid": f"FD in {gen}", "is": f"{p.get('fid_backbone')} classifier logits, {p.get('num_samples')} samples",
+            "precision": f"k=3 in {p.get('fid_backbone')} space", "recall": f"k=3 in {p.get('fid_backbone')} space",
+            "fd_judge": f"{p.get('judge_backbone')}", "class_acc_judge": "judge's argmax == the sample's class",
+            "psnr": f"dB, {recon}", "ssim": recon, "lpips": f"{p.get('lpips_backbone')} trunk, {recon}",
+            "rfid": f"{p.get('fid_backbone')}, {recon} vs their reconstructions",
+            "semantic_cosine": f"final vs stage-1 latents, {recon}"}
+
+
+def table(metrics: dict, protocol: dict, cfg_scale: float) -> list[str]:
+    labels = _labels(protocol)
+    rows = ["| metric | value | protocol |", "| --- | ---: | --- |"]
+    for key, label in labels.items():
+        for suffix, note in (("", ""), ("_cfg", f", CFG {cfg_scale:g}")):
+            if f"{key}{suffix}" in metrics:
+                rows.append(f"| {key}{suffix} | {metrics[key + suffix]:.4g} | {label}{note} |")
+    return rows
+
+
+def run(params: Params, args) -> int:
+    from aligntok.tracking.uri import redact, tracking_uri
+
+    path = metrics_path("evaluate")
+    if not path.is_file():
+        print(f"aligntok summary: {path} not found; run `aligntok repro` (or `dvc repro`) first")
+        return 2
+    metrics, protocol = json.loads(path.read_text()), json.loads(protocol_path("evaluate").read_text())
+    judge = metrics_path("judge")
+    print(f"\n## aligntok: results of profile '{params.profile}'\n")
+    print("\n".join(table(metrics, protocol, params.eval.cfg_scale)))
+    if judge.is_file() and "heldout_accuracy" in (j := json.loads(judge.read_text())):
+        print(f"\njudge: {j['heldout_accuracy']:.1%} on its held-out test images (chance {j['chance']:.1%})")
+    grids = [OUTPUTS / "eval" / n for n in ("samples.png", "samples_cfg.png", "reconstructions.png")]
+    print("\nimages: " + ", ".join(str(g) for g in grids if g.is_file()))
+    uri = tracking_uri(params)
+    ui = f"mlflow ui --host 127.0.0.1 --backend-store-uri {redact(uri)}" if not uri.startswith("http") else redact(uri)
+    print(f"MLflow: {ui}  (experiment '{params.tracking.experiment}')")
+    return 0

@@ -1,0 +1,59 @@
+"""The study report from real MLflow runs (sqlite store), laid out as the stages log them: variants are told apart
+by params, seeds are averaged with their spread, interrupted pipelines are left out, curves come from the
+train-dit probe history. The end-to-end path (a real DAG run, then the report) is in tests/test_pipeline.py."""
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+VARIANT_PARAMS = {"a": {}, "b": {"tokenizer.stage2.steps": "0", "tokenizer.stage3.steps": "0"},
+                  "c": {"tokenizer.stage2.semantic_weight": "0"}, "d": {"tokenizer.kind": "vae"}}
+
+
+def log_pipeline(client, exp, pid, seed, variant, psnr, curve, finished=True):
+    params = {"seed": str(seed), "tokenizer.kind": "aligntok", "tokenizer.stage2.steps": "100",
+              "tokenizer.stage3.steps": "100", "tokenizer.stage2.semantic_weight": "1.0", **VARIANT_PARAMS[variant]}
+    for stage in ("train-dit", "evaluate"):
+        run = client.create_run(exp, tags={"stage": stage, "pipeline_id": pid})
+        for k, v in params.items():
+            client.log_param(run.info.run_id, k, v)
+        if stage == "evaluate":
+            client.log_metric(run.info.run_id, "psnr", psnr)
+            client.log_metric(run.info.run_id, "class_acc_judge", 0.5)
+        else:
+            for step, value in curve:
+                client.log_metric(run.info.run_id, "probe_fd", value, step=step)
+                client.log_metric(run.info.run_id, "probe_class_acc", 1 / value, step=step)
+        client.set_terminated(run.info.run_id, "FINISHED" if finished or stage == "train-dit" else "KILLED")
+
+
+def test_report_groups_variants_and_seeds(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("study")
+    for seed, psnr in ((0, 20.0), (1, 22.0)):
+        log_pipeline(client, exp, f"p-a{seed}", seed, "a", psnr, [(100, 4.0), (200, 2.0)])
+    log_pipeline(client, exp, "p-d0", 0, "d", 18.0, [(100, 8.0), (200, 5.0)])
+    log_pipeline(client, exp, "p-b0", 0, "b", 99.0, [(100, 1.0)], finished=False)  # interrupted: left out
+    env = {"MLFLOW_TRACKING_URI": uri, "PATH": ""}
+    proc = subprocess.run([sys.executable, "-m", "aligntok.cli", "study-report", "--experiment", "study",
+                           "--out", str(tmp_path / "rep"), "--command-line", "make study STUDY_SEEDS='0 1'"],
+                          capture_output=True, text=True, env={**env, "HOME": str(tmp_path)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (tmp_path / "rep" / "study.md").read_text()
+    rows = {line.split("|")[1].strip()[:3]: line for line in report.splitlines() if line.startswith("| (")}
+    assert set(rows) == {"(a)", "(d)"}
+    # mean 21, sample standard deviation of (20, 22) = 1.41
+    assert "| 2 | 21 ± 1.4 |" in rows["(a)"] and "| 1 | 18 ± 0 |" in rows["(d)"]
+    assert "make study STUDY_SEEDS='0 1'" in report
+    for key in ("probe_fd", "probe_class_acc"):
+        assert (tmp_path / "rep" / f"study_{key}.png").stat().st_size > 1000
+
+
+def test_curve_means_and_spread_per_step():
+    from aligntok.stages.study import summarise
+    found = {("a", "0"): {"metrics": {}, "curves": {"probe_fd": [(10, 2.0), (20, 1.0)], "probe_class_acc": []}},
+             ("a", "1"): {"metrics": {}, "curves": {"probe_fd": [(10, 4.0), (20, 1.0)], "probe_class_acc": []}}}
+    _, curves = summarise(found)
+    assert curves["a"]["probe_fd"] == [(10, 3.0, pytest.approx(2 ** 0.5, rel=1e-12)), (20, 1.0, 0.0)]
