@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 
-.PHONY: install demo test test-slow test-all test-fast ablation bench clean
+.PHONY: install demo test test-slow test-all test-fast ablation study bench clean
 
 # Re-installs only when pyproject.toml changed (the stamp is named after its hash).
 $(STAMP): pyproject.toml
@@ -23,6 +23,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	aligntok repro
+	aligntok summary
 
 # make test: every fast test plus the two end-to-end paths users take (dvc repro / aligntok repro, and a served
 # Prefect deployment triggered over the API). The other slow tests (kill matrix, DDP and multi-node, tracking
@@ -52,6 +53,23 @@ ablation: $(STAMP)
 	! dvc queue status | grep -q Failed
 	dvc exp show --md --only-changed
 	aligntok compare
+
+# The small-scale study (reports/study.md): four tokenizer variants x STUDY_SEEDS as queued DVC experiments on the
+# smoke profile, each with the diffusability probe on during DiT training, then the report from MLflow.
+# (a) AlignTok (b) stage 1 only (c) no semantic preservation (d) from-scratch VAE; same latent shape, DiT, steps.
+STUDY_SEEDS ?= 0 1 2
+STUDY_SET   ?= -S dit.probe_every=100 -S tracking.experiment=aligntok-study
+study: $(STAMP)
+	for seed in $(STUDY_SEEDS); do \
+	  dvc exp run --queue $(STUDY_SET) -S seed=$$seed && \
+	  dvc exp run --queue $(STUDY_SET) -S seed=$$seed -S tokenizer.stage2.steps=0 -S tokenizer.stage3.steps=0 && \
+	  dvc exp run --queue $(STUDY_SET) -S seed=$$seed -S tokenizer.stage2.semantic_weight=0 && \
+	  dvc exp run --queue $(STUDY_SET) -S seed=$$seed -S tokenizer.kind=vae || exit 1; \
+	done
+	dvc queue start -j $(JOBS)
+	while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
+	! dvc queue status | grep -q Failed
+	aligntok study-report --experiment aligntok-study --command-line "make study STUDY_SEEDS='$(STUDY_SEEDS)'"
 
 bench: $(STAMP)
 	aligntok bench prepare && aligntok bench tokenizer && aligntok bench dit && aligntok bench eval

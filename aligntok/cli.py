@@ -18,6 +18,7 @@ from aligntok.config import ConfigError, load_params
 # Stage name -> module in aligntok.stages. Order is the DAG order (dvc.yaml follows it; a test checks).
 STAGES = {
     "prepare": "prepare",
+    "judge": "judge",
     "tokenizer-stage1": "tokenizer",
     "tokenizer-stage2": "tokenizer",
     "tokenizer-stage3": "tokenizer",
@@ -29,6 +30,7 @@ STAGES = {
 DISTRIBUTED = {"tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "train-dit", "evaluate", "sample"}
 HELP = {
     "prepare": "build parquet shards + manifest from a synthetic, image-folder or parquet source",
+    "judge": "train the independent judge classifier on held-out synthetic images (class accuracy, fd_judge)",
     "tokenizer-stage1": "stage 1: frozen encoder; train adapter + decoder",
     "tokenizer-stage2": "stage 2: train all, with semantic preservation against the frozen stage-1 model",
     "tokenizer-stage3": "stage 3: decoder-only refinement; exports the final tokenizer",
@@ -71,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c)
     c.add_argument("--experiment", default=None)
     c.add_argument("--format", choices=["md", "csv"], default="md")
+    st = sub.add_parser("study-report", help="reports/study.md + plots from the study's MLflow runs (make study)")
+    _common(st)
+    st.add_argument("--experiment", default=None)
+    st.add_argument("--out", default="reports")
+    st.add_argument("--command-line", default="make study", help="the command recorded in the report")
+    sm = sub.add_parser("summary", help="the last run's metrics with their protocol labels, image paths, MLflow UI")
+    _common(sm)
     pr = sub.add_parser("profile", help="switch params.yaml to a profile in profiles/ (smoke, ci, imagenet256)")
     pr.add_argument("name")
     pr.add_argument("--params", default="params.yaml")
@@ -121,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "repro":
         from aligntok.stages.repro import run as repro
         return repro(params, args)
+    if args.command == "study-report":
+        from aligntok.stages.study import run as study_report
+        return study_report(params, args)
+    if args.command == "summary":
+        from aligntok.stages.summary import run as summary
+        return summary(params, args)
     try:
         _maybe_torchrun(args.command, params)
     except ConfigError as e:

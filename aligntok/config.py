@@ -78,6 +78,8 @@ class TrainConfig(Section):
 
 
 class TokenizerStageConfig(TrainConfig):
+    # 0 in stage 2 or 3: the stage passes the previous stage's model through untrained (the study's 'stage 1 only')
+    steps: NonNegInt = 100
     l1_weight: NonNegFloat = 1.0
     lpips_weight: NonNegFloat = 1.0
     kl_weight: NonNegFloat = 1e-6  # only used when tokenizer.kl is true
@@ -96,6 +98,7 @@ class TokenizerConfig(Section):
     kind: Literal["aligntok", "vae"] = "aligntok"  # vae = from-scratch baseline
     size: str = "tiny"
     latent_channels: PosInt = 32
+    latent_stride: Literal[8, 16] = 16  # image px per latent px: 16 is the paper's; 8 gives small images a usable grid
     kl: bool = False
     adapter_hidden: PosInt = 256
     stage1: TokenizerStageConfig = TokenizerStageConfig()
@@ -125,6 +128,11 @@ class DitConfig(TrainConfig):
     cosine_loss: bool = True
     compile: bool = False  # torch.compile the DiT blocks (slow first step; pays off on long GPU runs)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
+    # Diffusability probe: every probe_every steps (0 = off) sample probe_samples class-balanced images with the
+    # current weights (sample.* settings, no CFG) and score them with the judge: probe_fd_judge, probe_class_acc
+    # logged per step in MLflow, the convergence curve of a tokenizer's latents (needs judge.source: synthetic).
+    probe_every: NonNegInt = 0
+    probe_samples: PosInt = 100
 
 
 class SampleConfig(Section):
@@ -154,6 +162,17 @@ class EvalConfig(Section):
     # `aligntok evaluate --reference` overrides it.
     reference: str | None = None
     amp: bool = True  # bf16 autocast for sampling (DiT + decoder) on CUDA; features stay fp32; inert on CPU
+
+
+class JudgeConfig(Section):
+    """The independent judge (aligntok/eval/judge.py): a small classifier trained on held-out synthetic images, for
+    class accuracy of samples and an FD in a feature space that is neither the tokenizer's nor the FID backbone's."""
+    source: Literal["synthetic", "none"] = "synthetic"  # none: real data (the paper profile), no judge metrics
+    train_images: PosInt = 2000
+    test_images: PosInt = 500  # held-out accuracy, and the reference set of fd_judge
+    steps: PosInt = 300
+    batch_size: PosInt = 64
+    lr: PosFloat = 2.0e-3
 
 
 class LauncherConfig(Section):
@@ -188,6 +207,7 @@ class Params(Section):
     dit: DitConfig = DitConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    judge: JudgeConfig = JudgeConfig()
     launcher: LauncherConfig = LauncherConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -200,7 +220,7 @@ class Params(Section):
 
 # Keys that change how a run is carried out, not what it computes: changing them must not restart a resumable stage.
 NOT_RESULTS = frozenset({"num_workers", "log_every", "image_every", "ckpt_every",
-                         "compile", "grad_checkpointing"})
+                         "compile", "grad_checkpointing", "probe_every", "probe_samples"})
 
 
 def _without(tree: Any, drop: frozenset) -> Any:

@@ -17,8 +17,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-STAGES = ["prepare", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "train-dit",
-          "evaluate"]
+STAGES = ["prepare", "judge", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents",
+          "train-dit", "evaluate"]
 
 
 def tracked_files() -> list[str]:
@@ -123,10 +123,31 @@ def test_repro_produces_every_out_and_metric(repo):
     for stage in STAGES:
         assert (repo / "outputs" / "metrics" / f"{stage}.json").exists(), stage
     ev = json.loads((repo / "outputs/metrics/evaluate.json").read_text())
-    for key in ["gfid", "is", "precision", "recall", "gfid_cfg", "rfid", "psnr", "ssim", "lpips", "semantic_cosine"]:
+    for key in ["gfid", "is", "precision", "recall", "gfid_cfg", "rfid", "psnr", "ssim", "lpips", "semantic_cosine",
+                "linear_probe_acc", "fd_judge", "class_acc_judge", "fd_judge_cfg", "class_acc_judge_cfg"]:
         assert isinstance(ev[key], float) and math.isfinite(ev[key]), (key, ev[key])
     protocol = json.loads((repo / "outputs/protocol/evaluate.json").read_text())["protocol"]
     assert protocol["fid_backbone"] == "efficientnet-lite0" and protocol["lpips_backbone"] == "random"
+
+
+@pytest.mark.slow
+def test_summary_and_study_report_of_the_run(first_repro, env, tmp_path):
+    """What `make demo` prints at the end, and the study report made from this one pipeline's MLflow runs."""
+    repo = first_repro["repo"]
+    out = sh([sys.executable, "-m", "aligntok.cli", "summary"], repo, env).stdout
+    assert "| gfid |" in out and "efficientnet-lite0-320, 40 samples" in out, out
+    assert "| class_acc_judge_cfg |" in out and "judge CNN" in out, out
+    assert "outputs/eval/reconstructions.png" in out and "mlflow ui --host 127.0.0.1" in out, out
+    assert (repo / "outputs/eval/reconstructions.png").is_file()
+    sh([sys.executable, "-m", "aligntok.cli", "study-report", "--out", str(tmp_path)], repo, env)
+    report = (tmp_path / "study.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| (a) AlignTok"))
+    psnr = json.loads((repo / "outputs/metrics/evaluate.json").read_text())["psnr"]
+    assert row.split("|")[2].strip() == "1" and f"{psnr:.3g} ± 0" in row, row  # one seed: no spread
+    for key in ("probe_fd", "probe_class_acc"):
+        assert (tmp_path / f"study_{key}.png").stat().st_size > 1000
+    curve = json.loads((repo / "outputs/metrics/train-dit.json").read_text())
+    assert curve["probe_step"] == 20 and 0 <= curve["probe_class_acc"] <= 1  # the ci profile probes at 10 and 20
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ import sys
 import mlflow
 import pytest
 
+from tests.conftest import ROOT
+
 VARIANT_PARAMS = {"a": {}, "b": {"tokenizer.stage2.steps": "0", "tokenizer.stage3.steps": "0"},
                   "c": {"tokenizer.stage2.semantic_weight": "0"}, "d": {"tokenizer.kind": "vae"}}
 
@@ -36,10 +38,10 @@ def test_report_groups_variants_and_seeds(tmp_path):
         log_pipeline(client, exp, f"p-a{seed}", seed, "a", psnr, [(100, 4.0), (200, 2.0)])
     log_pipeline(client, exp, "p-d0", 0, "d", 18.0, [(100, 8.0), (200, 5.0)])
     log_pipeline(client, exp, "p-b0", 0, "b", 99.0, [(100, 1.0)], finished=False)  # interrupted: left out
-    env = {"MLFLOW_TRACKING_URI": uri, "PATH": ""}
+    from tests.test_pipeline import isolated_env
     proc = subprocess.run([sys.executable, "-m", "aligntok.cli", "study-report", "--experiment", "study",
                            "--out", str(tmp_path / "rep"), "--command-line", "make study STUDY_SEEDS='0 1'"],
-                          capture_output=True, text=True, env={**env, "HOME": str(tmp_path)}, cwd=tmp_path)
+                          capture_output=True, text=True, env={**isolated_env(tmp_path), "MLFLOW_TRACKING_URI": uri}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (tmp_path / "rep" / "study.md").read_text()
     rows = {line.split("|")[1].strip()[:3]: line for line in report.splitlines() if line.startswith("| (")}

@@ -23,6 +23,7 @@ def tokenizer_dir(stage: int) -> Path:
 LATENTS_DIR = OUTPUTS / "latents"
 DIT_DIR = OUTPUTS / "dit" / "model"
 REFERENCE_DIR = OUTPUTS / "reference"
+JUDGE_DIR = OUTPUTS / "judge"
 
 
 def metrics_path(stage: str) -> Path:

@@ -21,6 +21,7 @@ class DitRecipe:
 
         self.model = self.net = model
         self.stats, self.generator, self.sample_cfg = stats, generator, sample_cfg
+        self.probe_samples = cfg.probe_samples
         self.flow = FlowMatching(timestep_sampling=cfg.timestep_sampling, use_cosine_loss=cfg.cosine_loss)
         self._opt = adamw(model.parameters(), next(model.parameters()).device, lr=cfg.lr,
                           betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -55,6 +56,26 @@ class DitRecipe:
         imgs = self.generator.images(torch.arange(n), list(range(n)), self.sample_cfg)
         self.model.train(was)
         return np.concatenate(list(to_uint8_nhwc(imgs)), axis=1)
+
+
+    @torch.no_grad()
+    def probe(self, step) -> dict[str, float]:
+        """The diffusability probe: judge scores of `probe_samples` class-balanced samples of the current weights
+        (fixed noise and labels at every probe, so the curve shows the model changing, not the draw)."""
+        from aligntok.eval.judge import judge_metrics
+        from aligntok.generate import sample_labels, to_uint8_nhwc
+        from aligntok.stages.common import JUDGE_DIR
+        was = self.model.training
+        self.model.eval()
+        n, images = self.probe_samples, []
+        labels = sample_labels(range(n), self.model.num_classes, "balanced", 0)
+        for start in range(0, n, 50):
+            idx = list(range(start, min(n, start + 50)))
+            x = self.generator.images(labels[idx], idx, self.sample_cfg, cfg_scale=1.0)
+            images.append(torch.from_numpy(to_uint8_nhwc(x)).permute(0, 3, 1, 2))
+        self.model.train(was)
+        scores = judge_metrics(JUDGE_DIR, torch.cat(images), labels.numpy())
+        return {f"probe_{k.removesuffix('_judge')}": v for k, v in scores.items()}
 
 
 def resolve_steps(cfg: DitConfig, num_images: int) -> tuple[int, float]:
@@ -92,6 +113,9 @@ def run(params: Params, args) -> int:
     export = {"model": cfg.model, "input_size": h, "in_channels": c, "num_classes": data.num_classes,
               "qk_norm": cfg.qk_norm, "latent_stats": data.stats, "tokenizer_hash": tok_hash}
     preview = None
+    if cfg.probe_every and params.judge.source == "none":
+        from aligntok.config import ConfigError
+        raise ConfigError("dit.probe_every needs the judge (judge.source: synthetic); set dit.probe_every: 0")
     if dist.is_main:
         tokenizer = AlignTokenizer.from_pretrained(tokenizer_dir(3)).to(dist.device).eval()
         preview = Generator(model, export, tokenizer, dist.device)
@@ -107,12 +131,18 @@ def run(params: Params, args) -> int:
             final = result["ema"].get("dit", model)
             save_dit(final, DIT_DIR, export)
             hist = result["history"]
-            metrics = {"final_loss": hist[-1]["loss"] if hist else float("nan"),
-                       "first_loss": hist[0]["loss"] if hist else float("nan"),
+            losses = [h["loss"] for h in hist if "loss" in h]
+            metrics = {"final_loss": losses[-1] if losses else float("nan"),
+                       "first_loss": losses[0] if losses else float("nan"),
                        "steps": result["step"], "epochs": epochs, "latents": len(data),
                        "images": data.num_source_images, "ema": bool(result["ema"])}
+            probes = [h for h in hist if "probe_fd" in h]
+            if probes:  # the last probe's scores, with the step they were measured at
+                metrics.update({k: v for k, v in probes[-1].items() if k.startswith("probe_")},
+                               probe_step=probes[-1]["step"])
             write_metrics("train-dit", metrics, tracker)
-            write_plots("train-dit", hist)
+            write_plots("train-dit", [{k: v for k, v in h.items() if not k.startswith("probe_")}
+                                      for h in hist if "loss" in h])  # the probe curve is in MLflow
             tracker.log_model(DIT_DIR, "dit")  # an MLflow model, registered with alias latest-good
             print(f"train-dit: {steps} steps ({epochs:.2f} epochs), loss {metrics['first_loss']:.4f} -> "
                   f"{metrics['final_loss']:.4f}")

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from aligntok.config import Params
-from aligntok.stages.common import (CHECKPOINTS, DIT_DIR, OUTPUTS, REFERENCE_DIR, data_dir, feature_extractor,
-                                    tokenizer_dir, write_metrics)
+from aligntok.stages.common import (CHECKPOINTS, DIT_DIR, JUDGE_DIR, OUTPUTS, REFERENCE_DIR, data_dir,
+                                    feature_extractor, tokenizer_dir, write_metrics)
 from aligntok.train.dist import cleanup, init_distributed
 from aligntok.tracking import log_final_metrics_to_parent, stage_run
 
@@ -50,7 +50,10 @@ def protocol_of(params: Params, extractor, ref: dict | None) -> dict:
                 "steps": s.steps, "cfg_scale": e.cfg_scale, "cfg_channels": s.cfg_channels,
                 "cfg_interval_start": s.cfg_interval_start, "timestep_shift": s.timestep_shift, "sample_seed": s.seed,
                 "precision_recall": "all samples vs the reference batch, k=3",
-                "lpips_backbone": "pretrained" if params.lpips.pretrained_backbone else "random"}
+                "lpips_backbone": "pretrained" if params.lpips.pretrained_backbone else "random",
+                "judge_backbone": ("judge CNN, 128-d, trained on held-out synthetic images; fd_judge vs its "
+                                   f"{params.judge.test_images} held-out test images"
+                                   if params.judge.source == "synthetic" else None)}
     if ref is not None:
         protocol["reference"] = f"{ref['name']} ({ref['count']} images)"
         protocol["reference_stats"] = REFERENCE_STATS[ref["stats"]]
@@ -80,6 +83,7 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, t
         out = score_parts(store, parts[v], extractor.tag, ref, dist.device, EVAL_DIR / f"samples{v.suffix}.npz")
         metrics.update({f"{k}{v.suffix}": x for k, x in out["metrics"].items()})
         metrics[f"sample_s_per_image{v.suffix}"] = out["seconds"] / out["n"]
+        metrics.update({f"{k}{v.suffix}": x for k, x in judged(params, EVAL_DIR / f"samples{v.suffix}.npz").items()})
         grid = labelled_grid(out["grid"], out["grid_labels"].tolist(), names, cols=10)
         grid.save(EVAL_DIR / f"samples{v.suffix}.png")
         tracker.log_artifact(EVAL_DIR / f"samples{v.suffix}.png", "samples")
@@ -87,6 +91,18 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, t
     run = {"sample_parts": str(store.dir), "generated": generated,
            "reused": {v.suffix: e.num_samples - generated[v.suffix] for v in variants}, "pruned_keys": removed}
     return metrics, run
+
+
+def judged(params: Params, npz: Path) -> dict:
+    """Class accuracy and fd_judge of a sample file by the independent judge (synthetic data only: the file is
+    read whole, which the small synthetic sample sets allow)."""
+    if params.judge.source == "none":
+        return {}
+    from aligntok.eval.features import nhwc_to_nchw
+    from aligntok.eval.judge import judge_metrics
+    from aligntok.eval.npz import load_npz_samples
+    images, labels = load_npz_samples(npz)
+    return judge_metrics(JUDGE_DIR, nhwc_to_nchw(images), labels)
 
 
 def external_samples(path: str, extractor, ref: dict, device, batch_size: int) -> tuple[dict, dict]:
@@ -103,6 +119,20 @@ def external_samples(path: str, extractor, ref: dict, device, batch_size: int) -
     return generation_metrics(feats, logits, ref, device), protocol
 
 
+def recon_grid(tokenizer, dataset, device, n: int = 10):
+    """The first n val images (top row) over their reconstructions by the final tokenizer (bottom row)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from aligntok.generate import to_uint8_nhwc
+    x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
+    with torch.no_grad():
+        rec = tokenizer.decode(tokenizer.encode(x)).float().clamp(-1, 1)
+    rows = [np.concatenate(list(to_uint8_nhwc(t)), axis=1) for t in (x, rec)]
+    return Image.fromarray(np.concatenate(rows, axis=0))
+
+
 def recon_metrics(params: Params, extractor, device) -> dict:
     from aligntok.data.dataset import ShardDataset
     from aligntok.eval.reconstruction import reconstruction_metrics
@@ -111,10 +141,15 @@ def recon_metrics(params: Params, extractor, device) -> dict:
 
     tokenizer = AlignTokenizer.from_pretrained(tokenizer_dir(3)).to(device).eval()
     stage1 = AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(device).eval()
-    return reconstruction_metrics(
-        tokenizer, ShardDataset(data_dir(params), "val"), num_images=params.tokenizer.eval_images,
+    from aligntok.eval.probe import linear_probe
+    val = ShardDataset(data_dir(params), "val")
+    recon_grid(tokenizer, val, device).save(EVAL_DIR / "reconstructions.png")
+    out = reconstruction_metrics(
+        tokenizer, val, num_images=params.tokenizer.eval_images,
         device=device, lpips_fn=build_lpips(params.lpips.net, params.lpips.pretrained_backbone).to(device),
         extractor=extractor, reference=stage1)
+    train = ShardDataset(data_dir(params), "train")
+    return {**out, **linear_probe(tokenizer, train, val, train.num_classes, device)}
 
 
 def evaluate(params: Params, args, dist) -> int:
@@ -144,6 +179,8 @@ def evaluate(params: Params, args, dist) -> int:
             return 0
         recon = recon_metrics(params, extractor, dist.device)
         protocol["recon_images"] = recon.pop("num_images")
+        protocol["linear_probe"] = (f"logistic regression on flattened final latents, {recon.pop('probe_train_images')} "
+                                    f"train -> {recon.pop('probe_val_images')} val images")
         metrics = {k: float(v) for k, v in {**metrics, **recon}.items()}
         run.update({"ranks": dist.world_size, "device": dist.device.type, "wall_s": time.perf_counter() - t0})
         metrics.update(protocol=protocol, run=run)

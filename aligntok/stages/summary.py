@@ -20,7 +20,7 @@ def _labels(p: dict) -> dict[str, str]:
             "fd_judge": f"{p.get('judge_backbone')}", "class_acc_judge": "judge's argmax == the sample's class",
             "psnr": f"dB, {recon}", "ssim": recon, "lpips": f"{p.get('lpips_backbone')} trunk, {recon}",
             "rfid": f"{p.get('fid_backbone')}, {recon} vs their reconstructions",
-            "semantic_cosine": f"final vs stage-1 latents, {recon}"}
+            "semantic_cosine": f"final vs stage-1 latents, {recon}", "linear_probe_acc": f"{p.get('linear_probe')}"}
 
 
 def table(metrics: dict, protocol: dict, cfg_scale: float) -> list[str]:
@@ -28,7 +28,7 @@ def table(metrics: dict, protocol: dict, cfg_scale: float) -> list[str]:
     rows = ["| metric | value | protocol |", "| --- | ---: | --- |"]
     for key, label in labels.items():
         for suffix, note in (("", ""), ("_cfg", f", CFG {cfg_scale:g}")):
-            if f"{key}{suffix}" in metrics:
+            if isinstance(metrics.get(f"{key}{suffix}"), (int, float)):
                 rows.append(f"| {key}{suffix} | {metrics[key + suffix]:.4g} | {label}{note} |")
     return rows
 
@@ -40,7 +40,9 @@ def run(params: Params, args) -> int:
     if not path.is_file():
         print(f"aligntok summary: {path} not found; run `aligntok repro` (or `dvc repro`) first")
         return 2
-    metrics, protocol = json.loads(path.read_text()), json.loads(protocol_path("evaluate").read_text())
+    metrics = json.loads(path.read_text())
+    # the protocol's numbers (sample count, feature dim) sit in the metrics file, its strings in the protocol file
+    protocol = {**metrics.get("protocol", {}), **json.loads(protocol_path("evaluate").read_text()).get("protocol", {})}
     judge = metrics_path("judge")
     print(f"\n## aligntok: results of profile '{params.profile}'\n")
     print("\n".join(table(metrics, protocol, params.eval.cfg_scale)))

@@ -28,7 +28,7 @@ def tokenizer_config(params: Params) -> dict:
     t = params.tokenizer
     return {"kind": t.kind, "encoder_arch": params.encoder.arch, "encoder_pretrained": params.encoder.pretrained,
             "image_size": params.data.resolution, "latent_channels": t.latent_channels, "size": t.size,
-            "kl": t.kl, "adapter_hidden": t.adapter_hidden}
+            "kl": t.kl, "adapter_hidden": t.adapter_hidden, "latent_stride": t.latent_stride}
 
 
 def trainable_parts(kind: str, stage: int) -> set[str]:
@@ -143,6 +143,9 @@ def run(params: Params, args) -> int:
     stage = int(args.stage[-1])
     name = f"tokenizer-stage{stage}"
     cfg: TokenizerStageConfig = getattr(params.tokenizer, f"stage{stage}")
+    if stage == 1 and cfg.steps == 0:
+        from aligntok.config import ConfigError
+        raise ConfigError("tokenizer.stage1.steps: 0 given; stage 1 must train (only stages 2 and 3 may pass through)")
     dist = init_distributed(params.launcher.device)
     torch.manual_seed(params.seed + 1000 * stage + dist.rank)
     model = build_stage_model(params, stage).to(dist.device)
@@ -162,10 +165,13 @@ def run(params: Params, args) -> int:
     ckpt_dir = CHECKPOINTS / name
     resume = find_checkpoint(ckpt_dir, config_hash)
     with stage_run(params, name, resume.run_id if resume else None) as tracker:
-        result = train(recipe, train_set, cfg, dist=dist, ckpt_dir=ckpt_dir, config_hash=config_hash,
-                       seed=params.seed + stage, tracker=tracker, resume=resume, hflip=params.data.hflip,
-                       num_workers=loader_workers(params.data.num_workers, params.launcher.nproc_per_node),
-                       stop_after=_stop_after(), desc=name)
+        if cfg.steps == 0:  # pass-through: the previous stage's model, unchanged
+            result = {"ema": {}, "history": [], "step": 0}
+        else:
+            result = train(recipe, train_set, cfg, dist=dist, ckpt_dir=ckpt_dir, config_hash=config_hash,
+                           seed=params.seed + stage, tracker=tracker, resume=resume, hflip=params.data.hflip,
+                           num_workers=loader_workers(params.data.num_workers, params.launcher.nproc_per_node),
+                           stop_after=_stop_after(), desc=name)
         final = result["ema"].get("tokenizer", model) if result["ema"] else model
         if dist.is_main:
             out = tokenizer_dir(stage)

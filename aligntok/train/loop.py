@@ -237,6 +237,15 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                 grid = recipe.preview(batch, done)
             if grid is not None:
                 tracker.log_image(grid, key=f"{desc}_preview", step=done)
+        probe_every = getattr(cfg, "probe_every", 0)
+        if dist.is_main and probe_every and (done % probe_every == 0 or done == cfg.steps):
+            scores = recipe.probe(done)  # a measurement of the current weights; touches no training state
+            if history and history[-1]["step"] == done:  # kept in the history: a resume keeps the curve
+                history[-1].update(scores)
+            else:
+                history.append({"step": done, **scores})
+            if tracker:
+                tracker.log_metrics(scores, step=done)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             if dist.is_main:
                 save_checkpoint(ckpt_dir, done, modules={k: _unwrap(m) for k, m in modules.items()},
