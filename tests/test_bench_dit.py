@@ -1,13 +1,48 @@
 """`aligntok bench dit`'s comparison with LightningDiT's model code: both models train the same weights (one
 set of Parameter objects, one optimizer), every variant is timed in every round, and the ratios are the
-per-round ratios of those timings."""
+per-round ratios of those timings. The model code is a checkout outside this repository (LIGHTNINGDIT_ROOT); the
+tests that run it skip without one, the ones about finding it do not."""
+import sys
+
+import pytest
 import torch
 
 from aligntok.bench import dit as bench
-from aligntok.bench.lightningdit_reference import build_reference, reference_key
+from aligntok.bench import reference
+from aligntok.bench.reference import build_reference, reference_key, unavailable_reason
 from aligntok.models.dit import build_dit
 
+_MISSING = unavailable_reason()
+needs_reference = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
 
+
+@pytest.mark.parametrize("value", [None, "missing"])
+def test_a_missing_checkout_says_how_to_get_it(value, monkeypatch, tmp_path):
+    if value is None:
+        monkeypatch.delenv(reference.ENV, raising=False)
+    else:
+        monkeypatch.setenv(reference.ENV, str(tmp_path / value))
+    with pytest.raises(reference.ReferenceUnavailable) as e:
+        reference.load()
+    msg = str(e.value)
+    assert "\n" not in msg and reference.ENV in msg and "git clone https://github.com/hustvl/LightningDiT" in msg
+    assert unavailable_reason() == msg
+
+
+def test_a_checkout_inside_the_project_is_refused():
+    with pytest.raises(reference.ReferenceUnavailable, match="inside this project"):
+        reference.load(reference._PROJECT / "aligntok")
+
+
+@needs_reference
+def test_loading_leaves_import_state_as_it_was():
+    path, names = list(sys.path), set(sys.modules)
+    mods = reference._import.__wrapped__(reference._root(None))  # a fresh import, not the cached one
+    assert sys.path == path and not {n for n in set(sys.modules) - names if n.split(".")[0] in ("models", "fairscale")}
+    assert mods.lightningdit.__file__.startswith(str(mods.root))
+
+
+@needs_reference
 def test_reference_shares_our_parameters():
     ours = build_dit("tiny", input_size=4, in_channels=8, num_classes=10)
     ref = build_reference("tiny", input_size=4, in_channels=8, num_classes=10)
@@ -17,6 +52,7 @@ def test_reference_shares_our_parameters():
         assert ref_params[reference_key(name)] is p, name
 
 
+@needs_reference
 def test_compare_reference_times_every_variant_each_round():
     r = bench.compare_reference("tiny", batch=2, steps=1, rounds=2, device=torch.device("cpu"), compiled=False)
     times = r["s_per_step_per_round"]

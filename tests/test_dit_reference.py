@@ -1,4 +1,5 @@
-"""Our LightningDiT against LightningDiT's own model code (aligntok.bench.lightningdit_reference): with the same
+"""Our LightningDiT against LightningDiT's own model code (a checkout outside this repository at LIGHTNINGDIT_ROOT,
+loaded by aligntok.bench.reference; without it these tests skip, saying how to get it): with the same
 weights, the same outputs and the same gradients, at the head sizes of the registry (32, 64 and 72 channels per
 head), with label dropout drawn the same way in training mode; our RoPE in the reference's interleaved layout on
 every path (float32 complex form, the real form used for bf16/fp16 and under torch.compile).
@@ -14,11 +15,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from aligntok.bench.lightningdit_reference import (VisionRotaryEmbeddingFast, build_reference,
-                                                   load_ours_into_reference, reference_key)
+from aligntok.bench.reference import (build_reference, load_ours_into_reference, reference_key, unavailable_reason,
+                                      vision_rope)
 from aligntok.models.dit import apply_rope, build_dit, rope_angles, rope_table
 
-pytestmark = pytest.mark.numeric
+_MISSING = unavailable_reason()
+pytestmark = [pytest.mark.numeric, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 
 OUT_ATOL = 1e-6
 GRAD_REL = 2e-6
@@ -77,7 +79,7 @@ def test_label_dropout_in_training_is_the_reference_draw():
 
 @pytest.mark.parametrize("head_dim, grid", [(32, 4), (64, 16), (72, 16)])
 def test_rope_is_the_reference_rotation(head_dim, grid):
-    rope = VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)
+    rope = vision_rope(dim=head_dim // 2, pt_seq_len=grid)
     table = rope_table(rope_angles(grid, head_dim))
     x = torch.randn(2, 3, grid * grid, head_dim, generator=torch.Generator().manual_seed(0))
     expected = rope(x)

@@ -2,8 +2,9 @@
 step, and a 30-step sampler derived from it), with FLOPs from FlopCounterMode and achieved FLOP/s against a
 float32 GEMM peak measured in the same run, plus the SDPA kernel the attention actually dispatched to.
 
-`reference` compares our train step with LightningDiT's own model code (aligntok.bench.lightningdit_reference) on
-the same config, weights, batch and optimizer, in this process: eager against eager, and our dit.compile against
+`reference` compares our train step with LightningDiT's own model code, loaded by aligntok.bench.reference from a
+checkout outside this repository (LIGHTNINGDIT_ROOT; without it the comparison is skipped with one line saying how
+to get it, and our model is timed alone), on the same config, weights, batch and optimizer, in this process: eager against eager, and our dit.compile against
 the reference as it ships (its blocks, final layer, embedders, modulate and SwiGLU under torch.compile). Issue 11's
 goal is ours >= 1.2x the reference."""
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from aligntok.diffusion.flow import FlowMatching
-from aligntok.bench.lightningdit_reference import build_reference, reference_key
+from aligntok.bench.reference import build_reference, reference_key, unavailable_reason
 from aligntok.diffusion.sampler import sample
 from aligntok.models.dit import build_dit
 from aligntok.stages.bench import gemm_peak_flops
@@ -135,13 +136,14 @@ def _share_weights(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
 
 
 def compare_reference(name: str, batch: int, steps: int, rounds: int, device: torch.device,
-                      compiled: bool = True) -> dict:
+                      compiled: bool = True, root=None) -> dict:
     """Train steps of ours and of the reference, interleaved: each round times `steps` steps of every variant
     (ours / reference, eager / compiled) back to back, so load on the machine hits all of them alike; the
     per-round ratios give the spread. Compiled variants get one untimed step first (their compile)."""
     torch.manual_seed(0)
     model = build_dit(name, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES).to(device)
-    ref = build_reference(name, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES).to(device)
+    ref = build_reference(name, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
+                          root=root).to(device)
     _share_weights(model, ref)
     opt = adamw(model.parameters(), device, lr=1e-4)
     fm = FlowMatching()
@@ -202,9 +204,12 @@ def compare_reference(name: str, batch: int, steps: int, rounds: int, device: to
 def _summary(result: dict) -> list[str]:
     lines = [f"GEMM peak (float32, {result['device']}, {result['threads']} threads): "
              f"{result['gemm_peak_flop_s'] / 1e9:.1f} GFLOP/s at start, "
-             f"{result['gemm_peak_flop_s_end'] / 1e9:.1f} after the comparison (fractions: of the larger)",
-             "reference = LightningDiT's model code; _compiled: ours with dit.compile, the reference as it ships",
-             "model | batch | variant | img/s | fraction of GEMM peak"]
+             f"{result['gemm_peak_flop_s_end'] / 1e9:.1f} after the comparison (fractions: of the larger)"]
+    if not result["reference"]:
+        return lines + ["no reference comparison" + (" (LightningDiT's model code not available)"
+                                                     if result.get("reference_unavailable") else "")]
+    lines += ["reference = LightningDiT's model code; _compiled: ours with dit.compile, the reference as it ships",
+              "model | batch | variant | img/s | fraction of GEMM peak"]
     for r in result["reference"]:
         for key in ("ours_eager", "reference_eager", "ours_compiled", "reference_compiled"):
             if f"{key}_img_per_s" in r:
@@ -220,19 +225,25 @@ def _summary(result: dict) -> list[str]:
 def run(batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1"), steps: int = 3, quick: bool = False,
         device: str | torch.device | None = None,
         reference=(("LightningDiT-B/1", 4), ("LightningDiT-XL/1", 2)), reference_rounds: int = 3,
-        reference_compile: bool = True) -> dict:
+        reference_compile: bool = True, reference_root=None) -> dict:
     """Timed steps per row: `steps` (XL-sized models: at most 2). quick: tiny at batch 2 only, and the reference
     comparison on tiny at batch 4, eager only.
 
     The tiny rows also time the train step with dit.grad_checkpointing and (not with quick: on a CPU the compile
     alone takes about a minute, reported as first_step_s_compile) with dit.compile's steady-state step.
     `reference`: (model, batch) pairs compared with LightningDiT's model code, `reference_rounds` rounds of 2 steps
-    (XL: 1) per variant, with the compiled variants unless reference_compile is False."""
+    (XL: 1) per variant, with the compiled variants unless reference_compile is False. The reference is LightningDiT's
+    checkout at `reference_root` or LIGHTNINGDIT_ROOT; when it is missing, one line says how to get it and the
+    comparison is left out (result["reference_unavailable"] holds that line)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda_fast_math(dev)
     if quick:
         batch_sizes, models = (2,), ("tiny",)
         reference, reference_rounds, reference_compile = (("tiny", 4),), 2, False
+    missing = unavailable_reason(reference_root) if reference else None
+    if missing:
+        print(f"bench dit: reference comparison skipped: {missing}", file=sys.stderr)
+        reference = ()
     peak = gemm_peak_flops(dev)
     rows = []
     for name in models:
@@ -242,8 +253,8 @@ def run(batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1"), steps: int 
             r["train_fraction_of_gemm_peak"] = r["train_achieved_flop_s"] / peak
             r["sample_fraction_of_gemm_peak"] = r["sample_achieved_flop_s"] / peak
             rows.append(r)
-    compared = [compare_reference(name, b, 1 if "XL" in name else 2, reference_rounds, dev, reference_compile)
-                for name, b in reference]
+    compared = [compare_reference(name, b, 1 if "XL" in name else 2, reference_rounds, dev, reference_compile,
+                                  reference_root) for name, b in reference]
     # the peak again after the comparison: on a shared machine the two differ, and the larger is the yardstick
     best = max(peak, peak_end := gemm_peak_flops(dev))
     for r in compared:
@@ -252,7 +263,7 @@ def run(batch_sizes=(2, 4, 8), models=("tiny", "LightningDiT-XL/1"), steps: int 
                 r[f"{key}_fraction_of_gemm_peak"] = r[f"{key}_achieved_flop_s"] / best
     result = {"device": str(dev), "threads": torch.get_num_threads(), "latent_shape": list(LATENT),
               "gemm_peak_flop_s": peak, "attention_backend": attention_backend(dev), "rows": rows,
-              "reference": compared, "gemm_peak_flop_s_end": peak_end, "gemm_peak_flop_s_best": best}
+              "reference": compared, "reference_unavailable": missing, "gemm_peak_flop_s_end": peak_end, "gemm_peak_flop_s_best": best}
     result["goal"] = {"ratio": GOAL, "met": {f"{r['model']} batch {r['batch']}: {k}": v["median"] >= GOAL
                                              for r in compared for k, v in r["speedup"].items()}}
     result["summary"] = _summary(result)
