@@ -13,6 +13,7 @@ behaviour is measured. Latents are cached without the flipped copy to halve the 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -136,7 +137,10 @@ def run(quick: bool = False, project: Path | None = None, keep: Path | None = No
     project = Path(project or Path.cwd())
     base = Path(keep or tempfile.mkdtemp(prefix="bench-scale-"))
     try:
-        rows = [one_size(project, base, n, resolution, steps) for n in sizes]
+        rows = []
+        for n in sizes:  # each size's row is printed when it is done: a long run cut short keeps what it measured
+            rows.append(one_size(project, base, n, resolution, steps))
+            print(f"bench scale: N={n}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         pngs = [encode_png(synthetic_image(i, i % 10, resolution, seed=0)) for i in range(64)]
         limit = _pil_limit(pngs, resolution)
     finally:
