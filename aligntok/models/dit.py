@@ -285,6 +285,7 @@ DIT_MODELS: dict[str, Callable[..., LightningDiT]] = {
     for name, (d, hs, nh) in SIZES.items() for p in (1, 2)
 }
 DIT_MODELS["tiny"] = partial(LightningDiT, depth=4, hidden_size=128, num_heads=4, patch_size=1)
+DIT_MODELS["tiny/2"] = partial(LightningDiT, depth=4, hidden_size=128, num_heads=4, patch_size=2)  # 8x8 latents -> 16 tokens
 
 
 def build_dit(name: str, input_size: int, in_channels: int, num_classes: int, **overrides) -> LightningDiT:
