@@ -65,6 +65,8 @@ class DitRecipe:
         from aligntok.eval.judge import judge_metrics
         from aligntok.generate import sample_labels, to_uint8_nhwc
         from aligntok.stages.common import JUDGE_DIR
+        if self.generator is None:  # no tokenizer to decode with (rank > 0, or a recipe built without one)
+            return {}
         was = self.model.training
         self.model.eval()
         n, images = self.probe_samples, []

@@ -238,8 +238,9 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
             if grid is not None:
                 tracker.log_image(grid, key=f"{desc}_preview", step=done)
         probe_every = getattr(cfg, "probe_every", 0)
-        if dist.is_main and probe_every and (done % probe_every == 0 or done == cfg.steps):
-            scores = recipe.probe(done)  # a measurement of the current weights; touches no training state
+        scores = (recipe.probe(done) if dist.is_main and probe_every and (done % probe_every == 0 or done == cfg.steps)
+                  else {})  # a measurement of the current weights; touches no training state
+        if scores:
             if history and history[-1]["step"] == done:  # kept in the history: a resume keeps the curve
                 history[-1].update(scores)
             else:
