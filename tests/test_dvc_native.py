@@ -106,12 +106,21 @@ def test_write_metrics_keeps_strings_out_of_the_metrics_file(tmp_path, monkeypat
         "protocol": {"fid_backbone": "x"}, "run": {"device": "cpu"}, "ok": True}
 
 
-def test_metrics_plots_and_protocol_reach_git_other_outputs_do_not():
+def test_metrics_and_plots_reach_git_other_outputs_do_not():
     def ignored(path):
         return sh(["git", "check-ignore", "-q", path], ROOT, check=False).returncode == 0
-    assert not any(ignored(p) for p in ("outputs/metrics/evaluate.json", "outputs/plots/train-dit.csv",
-                                        "outputs/protocol/evaluate.json"))
-    assert all(ignored(p) for p in ("outputs/eval/samples.npz", "outputs/latents/x", "outputs/reference/x"))
+    assert not any(ignored(p) for p in ("outputs/metrics/evaluate.json", "outputs/plots/train-dit.csv"))
+    assert all(ignored(p) for p in ("outputs/eval/samples.npz", "outputs/latents/x", "outputs/reference/x",
+                                    "outputs/protocol/evaluate.json"))
+
+
+def test_every_stage_can_be_saved_to_the_run_cache():
+    """DVC writes no run-cache entry for a stage that has an uncached out other than a metric or plot."""
+    for name, stage in dvc_stages().items():
+        uncached = [next(iter(o)) for o in stage.get("outs", []) if isinstance(o, dict)
+                    and next(iter(o.values())).get("cache") is False]
+        assert not uncached and not any(isinstance(o, dict) and next(iter(o.values())).get("persist")
+                                        for o in stage.get("outs", [])), (name, uncached)
 
 
 def set_args(value_of: dict) -> list[str]:

@@ -185,6 +185,21 @@ def test_second_repro_is_a_noop(repo, env):
 
 
 @pytest.mark.slow
+def test_deleted_evaluate_outputs_come_back_from_the_run_cache(repo, env):
+    outs = ["outputs/metrics/evaluate.json", "outputs/protocol/evaluate.json", "outputs/eval/samples.npz",
+            "outputs/eval/samples.png"]
+    before = {p: digest(repo / p) for p in outs}
+    assert all(before.values()), before
+    (repo / "outputs/metrics/evaluate.json").unlink()
+    (repo / "outputs/protocol/evaluate.json").unlink()
+    shutil.rmtree(repo / "outputs/eval")
+    out = sh(["dvc", "repro"], repo, env).stdout
+    assert "Stage 'evaluate' is cached - skipping run, checking out outputs" in out, out[-2000:]
+    assert "Running stage" not in out
+    assert {p: digest(repo / p) for p in outs} == before
+
+
+@pytest.mark.slow
 def test_stage3_param_change_reruns_only_stage3_and_after(repo, env, first_repro):
     out = sh(["dvc", "exp", "run", "-n", "lr3", "-S", "tokenizer.stage3.lr=5e-5"], repo, env).stdout
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]

@@ -161,6 +161,15 @@ def test_default_then_custom_run_complete_every_stage(served):
     assert _task_states(served, custom["id"]) == {s: "COMPLETED" for s in STAGES}
     metrics = _result(served, custom["id"])["metrics"]
     assert metrics["protocol"]["cfg_scale"] == 2.0
+    # only evaluate reads eval.cfg_scale: every other stage of the second worktree comes from DVC's run-cache
+    logs, page = [], None
+    while page is None or len(page) == 200:  # the API returns at most 200 records per call
+        page = _api(served["api"], "/logs/filter", {"logs": {"flow_run_id": {"any_": [custom["id"]]}},
+                                                    "sort": "TIMESTAMP_ASC", "limit": 200, "offset": len(logs)})
+        logs += page
+    text = "\n".join(entry["message"] for entry in logs)
+    assert all(f"Stage '{s}' is cached" in text for s in STAGES[:-1]), text[-3000:]
+    assert "Running stage 'evaluate'" in text and "Stage 'evaluate' is cached" not in text
     # a UI-triggered run works in its own worktree: the served repo's own outputs were never written
     assert not (served["repo"] / "outputs").exists()
     artifacts = _api(served["api"], "/artifacts/filter", {"flow_runs": {"id": {"any_": [custom["id"]]}}})
