@@ -9,7 +9,10 @@ from torch import nn
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    groups = 32 if channels % 32 == 0 else max(g for g in (16, 8, 4, 2, 1) if channels % g == 0)
+    """LDM's GroupNorm: 32 groups for its widths (>= 128 channels). Narrower layers keep at least 4 channels per
+    group: one channel per group (instance norm) would erase each channel's per-image mean, which is what carries
+    an image's colour, and a small decoder then reconstructs grey images."""
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0 and (channels // g >= 4 or g == 1))
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 

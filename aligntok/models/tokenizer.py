@@ -24,8 +24,9 @@ PAPER_DECODER = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_res
                      mid_attn=True)  # VA-VAE f16d32 LDM decoder (the paper builds on its recipe)
 
 TOKENIZER_SIZES: dict[str, dict] = {
-    # CPU smoke: 16x up/down in 5 cheap levels, no attention (works at 32-64 px)
-    "tiny": dict(ch=32, ch_mult=(1, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), mid_attn=False),
+    # CPU smoke: 16x up/down in 5 cheap levels, no attention (works at 32-64 px); 16 channels at full resolution,
+    # where a CPU step spends most of its time (2.3x faster than 32 there, measured at 64 px, batch 16)
+    "tiny": dict(ch=16, ch_mult=(1, 2, 4, 4, 4), num_res_blocks=1, attn_resolutions=(), mid_attn=False),
     # single-GPU experiments: VA-VAE shape at half width, one res block
     "small": dict(ch=64, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(16,), mid_attn=True),
     "paper": PAPER_DECODER,
