@@ -44,7 +44,10 @@ def test_metrics_on_fresh_real_images_and_on_noise(trained):
     assert noise["class_acc_judge"] <= 0.35, noise  # noise carries no class: near chance (0.10)
     # 200 real images vs the judge's own 200 held-out ones: only sampling error; noise is far off the manifold
     assert noise["fd_judge"] > 5 * real["fd_judge"], (real, noise)
-    assert set(judge_metrics(folder, images, None)) == {"fd_judge"}  # unconditional samples: no accuracy
+    # precision/recall in the judge's space: fresh real images lie on the held-out manifold, noise nowhere near it
+    assert real["precision_judge"] >= 0.5 and real["recall_judge"] >= 0.5, real
+    assert noise["precision_judge"] <= 0.1, noise
+    assert set(judge_metrics(folder, images, None)) == {"fd_judge", "precision_judge", "recall_judge"}  # unconditional samples: no accuracy
 
 
 def test_a_judge_switched_off_gives_no_metrics(tmp_path):

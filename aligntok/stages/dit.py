@@ -21,7 +21,7 @@ class DitRecipe:
 
         self.model = self.net = model
         self.stats, self.generator, self.sample_cfg = stats, generator, sample_cfg
-        self.probe_samples = cfg.probe_samples
+        self.probe_samples, self._judge = cfg.probe_samples, None  # the judge: loaded at the first probe
         self.flow = FlowMatching(timestep_sampling=cfg.timestep_sampling, use_cosine_loss=cfg.cosine_loss)
         self._opt = adamw(model.parameters(), next(model.parameters()).device, lr=cfg.lr,
                           betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -62,7 +62,7 @@ class DitRecipe:
     def probe(self, step) -> dict[str, float]:
         """The diffusability probe: judge scores of `probe_samples` class-balanced samples of the current weights
         (fixed noise and labels at every probe, so the curve shows the model changing, not the draw)."""
-        from aligntok.eval.judge import judge_metrics
+        from aligntok.eval.judge import judge_metrics, load_judge
         from aligntok.generate import sample_labels, to_uint8_nhwc
         from aligntok.stages.common import JUDGE_DIR
         if self.generator is None:  # no tokenizer to decode with (rank > 0, or a recipe built without one)
@@ -76,7 +76,9 @@ class DitRecipe:
             x = self.generator.images(labels[idx], idx, self.sample_cfg, cfg_scale=1.0)
             images.append(torch.from_numpy(to_uint8_nhwc(x)).permute(0, 3, 1, 2))
         self.model.train(was)
-        scores = judge_metrics(JUDGE_DIR, torch.cat(images), labels.numpy())
+        if self._judge is None:
+            self._judge = (load_judge(JUDGE_DIR),)
+        scores = judge_metrics(self._judge[0], torch.cat(images), labels.numpy())
         return {f"probe_{k.removesuffix('_judge')}": v for k, v in scores.items()}
 
 

@@ -51,7 +51,7 @@ def protocol_of(params: Params, extractor, ref: dict | None) -> dict:
                 "cfg_interval_start": s.cfg_interval_start, "timestep_shift": s.timestep_shift, "sample_seed": s.seed,
                 "precision_recall": "all samples vs the reference batch, k=3",
                 "lpips_backbone": "pretrained" if params.lpips.pretrained_backbone else "random",
-                "judge_backbone": ("judge CNN, 128-d, trained on held-out synthetic images; fd_judge vs its "
+                "judge_backbone": ("judge CNN, 128-d, trained on held-out synthetic images; FD and P/R vs its "
                                    f"{params.judge.test_images} held-out test images"
                                    if params.judge.source == "synthetic" else None)}
     if ref is not None:

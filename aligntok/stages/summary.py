@@ -18,6 +18,7 @@ def _labels(p: dict) -> dict[str, str]:
     return {"gfid": f"FD in {gen}", "is": f"{p.get('fid_backbone')} classifier logits, {p.get('num_samples')} samples",
             "precision": f"k=3 in {p.get('fid_backbone')} space", "recall": f"k=3 in {p.get('fid_backbone')} space",
             "fd_judge": f"{p.get('judge_backbone')}", "class_acc_judge": "judge's argmax == the sample's class",
+            "precision_judge": f"k=3 in {p.get('judge_backbone')}", "recall_judge": f"k=3 in {p.get('judge_backbone')}",
             "psnr": f"dB, {recon}", "ssim": recon, "lpips": f"{p.get('lpips_backbone')} trunk, {recon}",
             "rfid": f"{p.get('fid_backbone')}, {recon} vs their reconstructions",
             "semantic_cosine": f"final vs stage-1 latents, {recon}", "linear_probe_acc": f"{p.get('linear_probe')}"}
