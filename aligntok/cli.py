@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("target", choices=["prepare", "tokenizer", "dit", "eval", "scale"])
     b.add_argument("--out", help="also write the figures as JSON here")
     b.add_argument("--quick", action="store_true", help="fewer steps/sizes (CI smoke of the benchmark)")
+    b.add_argument("--reference-root", metavar="DIR",
+                   help="dit only: LightningDiT checkout to compare with (default: $LIGHTNINGDIT_ROOT)")
     c = sub.add_parser("compare", help="print MLflow pipeline runs side by side: differing params, key metrics")
     _common(c)
     c.add_argument("--experiment", default=None)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             return _switch_profile(args.name, Path(args.params))
         if args.command == "bench":
             from aligntok.stages.bench import run_bench
-            return run_bench(args.target, args.out, args.quick)
+            return run_bench(args.target, args.out, args.quick, args.reference_root)
         params = load_params(args.params, args.overrides)
     except ConfigError as e:
         print(f"aligntok: config error: {e}", file=sys.stderr)

@@ -61,3 +61,22 @@ def test_compare_reference_times_every_variant_each_round():
     s = r["speedup"]["ours_eager_over_reference_eager"]
     assert s["min"] == min(per_round) and s["max"] == max(per_round) and s["min"] <= s["median"] <= s["max"]
     assert r["train_flop_per_step"] > 0 and r["ours_eager_img_per_s"] > 0
+
+
+def test_cli_reference_root_option(tmp_path):
+    """`aligntok bench dit --reference-root DIR` looks for the checkout at DIR (not the environment); other targets
+    refuse the option with one line."""
+    import json
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != reference.ENV}
+    cli = [sys.executable, "-m", "aligntok.cli", "bench"]
+    wrong = subprocess.run([*cli, "eval", "--reference-root", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert wrong.returncode == 2 and "applies to `bench dit` only" in wrong.stdout
+    nowhere = tmp_path / "nowhere"
+    proc = subprocess.run([*cli, "dit", "--quick", "--reference-root", str(nowhere)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    skipped = [line for line in proc.stderr.splitlines() if "reference comparison skipped" in line]
+    assert len(skipped) == 1 and str(nowhere) in skipped[0]
+    assert str(nowhere) in json.loads(proc.stdout)["reference_unavailable"]

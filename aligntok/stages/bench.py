@@ -27,9 +27,13 @@ def gemm_peak_flops(device: torch.device | str = "cpu", n: int = 2048, repeats: 
     return 2 * n ** 3 / best
 
 
-def run_bench(target: str, out: str | None, quick: bool = False) -> int:
+def run_bench(target: str, out: str | None, quick: bool = False, reference_root: str | None = None) -> int:
+    if reference_root is not None and target != "dit":
+        print(f"aligntok bench {target}: --reference-root applies to `bench dit` only")
+        return 2
     module = importlib.import_module(f"aligntok.bench.{target}")
-    result = module.run(quick=True) if quick else module.run()
+    kwargs = {"reference_root": reference_root} if reference_root is not None else {}
+    result = module.run(quick=True, **kwargs) if quick else module.run(**kwargs)
     result = {"target": target, "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
                                             "torch": torch.__version__, "cuda": torch.cuda.is_available()}, **result}
     text = json.dumps(result, indent=2, default=str)
