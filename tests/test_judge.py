@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from aligntok.eval.judge import judge_metrics, judge_seed, save_judge, synthetic_batch, train_judge
+from aligntok.eval.judge import judge_metrics, load_judge, judge_seed, save_judge, synthetic_batch, train_judge
 
 CLASSES, RES = 10, 64
 
@@ -37,8 +37,8 @@ def test_judge_images_are_not_the_pipelines_images():
 def test_metrics_on_fresh_real_images_and_on_noise(trained):
     _, _, folder = trained
     images, labels = synthetic_batch(range(5000, 5200), CLASSES, RES, seed=0)  # neither train nor test images
-    real = judge_metrics(folder, images, labels.numpy())
-    noise = judge_metrics(folder, torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+    real = judge_metrics(load_judge(folder), images, labels.numpy())
+    noise = judge_metrics(load_judge(folder), torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
                           labels.numpy())
     assert real["class_acc_judge"] >= 0.6, real
     assert noise["class_acc_judge"] <= 0.35, noise  # noise carries no class: near chance (0.10)
@@ -47,10 +47,10 @@ def test_metrics_on_fresh_real_images_and_on_noise(trained):
     # precision/recall in the judge's space: fresh real images lie on the held-out manifold, noise nowhere near it
     assert real["precision_judge"] >= 0.5 and real["recall_judge"] >= 0.5, real
     assert noise["precision_judge"] <= 0.1, noise
-    assert set(judge_metrics(folder, images, None)) == {"fd_judge", "precision_judge", "recall_judge"}  # unconditional samples: no accuracy
+    assert set(judge_metrics(load_judge(folder), images, None)) == {"fd_judge", "precision_judge", "recall_judge"}  # unconditional samples: no accuracy
 
 
 def test_a_judge_switched_off_gives_no_metrics(tmp_path):
     from aligntok.eval.judge import CONFIG_FILE
     (tmp_path / CONFIG_FILE).write_text('{"enabled": false}')
-    assert judge_metrics(tmp_path, torch.zeros(2, 3, RES, RES, dtype=torch.uint8), np.zeros(2)) == {}
+    assert judge_metrics(load_judge(tmp_path), torch.zeros(2, 3, RES, RES, dtype=torch.uint8), np.zeros(2)) == {}

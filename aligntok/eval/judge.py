@@ -131,12 +131,10 @@ def load_judge(directory: Path) -> tuple[JudgeNet, dict[str, np.ndarray]] | None
         return judge.eval(), {k: z[k] for k in ("mu", "sigma", "features")}
 
 
-def judge_metrics(judge_dir: Path | tuple | None, images: torch.Tensor, labels: np.ndarray | None) -> dict:
+def judge_metrics(loaded: tuple | None, images: torch.Tensor, labels: np.ndarray | None) -> dict:
     """fd_judge and precision/recall against the judge's held-out images, and class accuracy when the samples are
-    conditional. `judge_dir` is the judge stage's folder, or what `load_judge` returned (callers that score
-    often load it once)."""
+    conditional. `loaded` is what `load_judge` returned (None: the judge is off, no scores)."""
     from aligntok.eval.metrics import feature_stats, frechet_distance, precision_recall
-    loaded = load_judge(judge_dir) if isinstance(judge_dir, Path) else judge_dir
     if loaded is None:
         return {}
     judge, ref = loaded

@@ -21,7 +21,7 @@ class DitRecipe:
 
         self.model = self.net = model
         self.stats, self.generator, self.sample_cfg = stats, generator, sample_cfg
-        self.probe_samples, self._judge = cfg.probe_samples, None  # the judge: loaded at the first probe
+        self.probe_samples, self._judge, self._judge_loaded = cfg.probe_samples, None, False  # loaded at the first probe
         self.flow = FlowMatching(timestep_sampling=cfg.timestep_sampling, use_cosine_loss=cfg.cosine_loss)
         self._opt = adamw(model.parameters(), next(model.parameters()).device, lr=cfg.lr,
                           betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -76,9 +76,9 @@ class DitRecipe:
             x = self.generator.images(labels[idx], idx, self.sample_cfg, cfg_scale=1.0)
             images.append(torch.from_numpy(to_uint8_nhwc(x)).permute(0, 3, 1, 2))
         self.model.train(was)
-        if self._judge is None:
-            self._judge = (load_judge(JUDGE_DIR),)
-        scores = judge_metrics(self._judge[0], torch.cat(images), labels.numpy())
+        if not self._judge_loaded:  # load_judge may return None (judge off): remember that it was asked
+            self._judge, self._judge_loaded = load_judge(JUDGE_DIR), True
+        scores = judge_metrics(self._judge, torch.cat(images), labels.numpy())
         return {f"probe_{k.removesuffix('_judge')}": v for k, v in scores.items()}
 
 

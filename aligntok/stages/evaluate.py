@@ -65,6 +65,7 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, t
     """Samples every variant's parts over all ranks, then (rank 0) scores them: (metrics, run bookkeeping)."""
     from aligntok.data.shards import read_manifest
     from aligntok.eval.parts import PartStore, Variant, run_parts, sample_key, split_parts
+    from aligntok.eval.judge import load_judge
     from aligntok.eval.scores import score_parts
     from aligntok.generate import labelled_grid, load_generator
 
@@ -79,11 +80,12 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, t
         return {}, {}
     metrics: dict = {}
     names = read_manifest(data_dir(params))["class_names"]
+    judge = None if params.judge.source == "none" else load_judge(JUDGE_DIR)
     for v in variants:
         out = score_parts(store, parts[v], extractor.tag, ref, dist.device, EVAL_DIR / f"samples{v.suffix}.npz")
         metrics.update({f"{k}{v.suffix}": x for k, x in out["metrics"].items()})
         metrics[f"sample_s_per_image{v.suffix}"] = out["seconds"] / out["n"]
-        metrics.update({f"{k}{v.suffix}": x for k, x in judged(params, EVAL_DIR / f"samples{v.suffix}.npz").items()})
+        metrics.update({f"{k}{v.suffix}": x for k, x in judged(judge, EVAL_DIR / f"samples{v.suffix}.npz").items()})
         grid = labelled_grid(out["grid"], out["grid_labels"].tolist(), names, cols=10)
         grid.save(EVAL_DIR / f"samples{v.suffix}.png")
         tracker.log_artifact(EVAL_DIR / f"samples{v.suffix}.png", "samples")
@@ -93,16 +95,16 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, t
     return metrics, run
 
 
-def judged(params: Params, npz: Path) -> dict:
-    """Class accuracy and fd_judge of a sample file by the independent judge (synthetic data only: the file is
-    read whole, which the small synthetic sample sets allow)."""
-    if params.judge.source == "none":
+def judged(judge: tuple | None, npz: Path) -> dict:
+    """Class accuracy and fd_judge of a sample file by the independent judge (`load_judge`'s result; None: off).
+    Synthetic data only: the file is read whole, which the small synthetic sample sets allow."""
+    if judge is None:
         return {}
     from aligntok.eval.features import nhwc_to_nchw
     from aligntok.eval.judge import judge_metrics
     from aligntok.eval.npz import load_npz_samples
     images, labels = load_npz_samples(npz)
-    return judge_metrics(JUDGE_DIR, nhwc_to_nchw(images), labels)
+    return judge_metrics(judge, nhwc_to_nchw(images), labels)
 
 
 def external_samples(path: str, extractor, ref: dict, device, batch_size: int) -> tuple[dict, dict]:
