@@ -36,6 +36,9 @@ class DataConfig(Section):
     num_images: PosInt | None = 512  # synthetic: how many; others: cap (null = all)
     num_classes: PosInt = 10
     val_fraction: Fraction = 0.1
+    # imagefolder / parquet: the val split is this folder (same class names; e.g. ImageNet val in class folders),
+    # for tokenizer metrics and rFID; val_fraction must then be 0. null: a val_fraction slice of root.
+    val_root: str | None = None
     shard_rows: PosInt = 256
     max_image_pixels: PosInt = 89_478_485  # PIL's decompression-bomb limit
     hflip: bool = True
@@ -276,6 +279,7 @@ def _check_paths(p: Params, base: Path) -> None:
 
     if p.data.source != "synthetic":
         must_exist("data.root", p.data.root)
+        must_exist("data.val_root", p.data.val_root)
     if p.encoder.pretrained not in ("hub", "none", "efficientnet-lite0"):
         must_exist("encoder.pretrained", p.encoder.pretrained)
     must_exist("eval.inception_weights", p.eval.inception_weights)

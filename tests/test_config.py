@@ -1,4 +1,6 @@
+import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -129,3 +131,23 @@ def test_profile_switch_copies_and_refuses_unknown(tmp_path):
 def test_paper_profile_refuses_random_lpips_backbone():
     with pytest.raises(ConfigError, match="lpips.pretrained_backbone: given False; expected true in the imagenet256"):
         load_params(ROOT / "profiles" / "imagenet256.yaml", ["lpips.pretrained_backbone=false"], check_paths=False)
+
+
+def test_cli_prepare_takes_the_val_split_from_data_val_root(tmp_path):
+    from PIL import Image
+    for split, classes in (("train", "ab"), ("val", "ab")):
+        for c in classes:
+            for k in range(2 if split == "val" else 5):
+                (tmp_path / split / c).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (20, 20), (k * 40, 0, 0)).save(tmp_path / split / c / f"{k}.png")
+    shutil.copy(SMOKE, tmp_path / "params.yaml")  # relative paths are read from the params file's folder
+    args = [sys.executable, "-m", "aligntok.cli", "prepare", "-S", "data.source=imagefolder",
+            "-S", "data.root=train", "-S", "data.val_fraction=0", "-S", "data.name=folder", "-S", "data.resolution=16"]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    missing = subprocess.run(args + ["-S", "data.val_root=nope"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == ("aligntok: config error: data.val_root: given 'nope'; expected an "
+                                                       "existing path (not found)")
+    subprocess.run(args + ["-S", "data.val_root=val"], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    manifest = json.loads((tmp_path / "data/folder/manifest.json").read_text())
+    assert manifest["val_root"] == "val" and manifest["num_images"] == {"train": 10, "val": 4}

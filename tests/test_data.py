@@ -273,3 +273,35 @@ def test_hflip_flips_about_half_the_time(tmp_path):
     flips = sum(torch.equal(o, x.flip(-1)) for o in outs)
     assert sum(torch.equal(o, x) for o in outs) + flips == 200
     assert 60 < flips < 140  # 200 fair coin flips: std 7, so +-40 is 5.7 sigma (and the seed fixes the draw)
+
+
+def _folder(root, classes, per_class, size=20):
+    for c in classes:
+        for k in range(per_class):
+            _save(Image.new("RGB", (size, size), (k * 40, 0, 0)), root / c / f"{k}.png")
+
+
+def test_val_root_is_the_val_split_with_labels_by_class_name(tmp_path):
+    _folder(tmp_path / "train", "abc", 4)
+    _folder(tmp_path / "val", "c", 3)  # a val folder may lack classes; its labels follow train's class names
+    m = prepare_dataset("imagefolder", tmp_path / "out", root=tmp_path / "train", resolution=8, num_images=6,
+                        num_classes=3, val_fraction=0.0, shard_rows=4, seed=0, val_root=tmp_path / "val")
+    assert m["counts"]["train"] == {"a": 2, "b": 2, "c": 2}  # the cap counts data.root's images only
+    assert m["counts"]["val"] == {"a": 0, "b": 0, "c": 3}
+    assert m["val_root"] == str(tmp_path / "val")
+    val = ShardDataset(tmp_path / "out", "val")
+    assert val.labels == [2, 2, 2] and sorted(val.keys) == ["val:c/0.png", "val:c/1.png", "val:c/2.png"]
+
+
+@pytest.mark.parametrize("val_classes, fraction, source, msg", [
+    ("ax", 0.0, "imagefolder", "class(es) x are not among data.root's 3 classes"),
+    ("a", 0.1, "imagefolder", "data.val_fraction: given 0.1 with data.val_root set; expected 0"),
+    ("a", 0.0, "synthetic", "data.val_root: the synthetic source has no val folder"),
+])
+def test_val_root_errors_name_the_field(tmp_path, val_classes, fraction, source, msg):
+    _folder(tmp_path / "train", "abc", 1)
+    _folder(tmp_path / "val", val_classes, 1)
+    with pytest.raises(DataError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        prepare_dataset(source, tmp_path / "out", root=tmp_path / "train", resolution=8, num_images=3,
+                        num_classes=3, val_fraction=fraction, shard_rows=4, seed=0, val_root=tmp_path / "val")
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -128,6 +128,7 @@ def test_repro_produces_every_out_and_metric(repo):
         assert isinstance(ev[key], float) and math.isfinite(ev[key]), (key, ev[key])
     protocol = json.loads((repo / "outputs/protocol/evaluate.json").read_text())["protocol"]
     assert protocol["fid_backbone"] == "efficientnet-lite0" and protocol["lpips_backbone"] == "random"
+    assert protocol["recon_source"] == "the val split: a 0.1 slice of synthetic"
 
 
 @pytest.mark.slow

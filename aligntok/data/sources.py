@@ -144,10 +144,34 @@ def _remove_stale(folder: Path, keep: set[str]) -> None:
             side.unlink(missing_ok=True)
 
 
+def _load(source: str, root: Path | None, out_dir: Path, field: str):
+    """(class_names, items) of a folder source; `field` names the setting in errors."""
+    if root is None:
+        raise DataError(f"{field}: not set; the {source} source needs a directory")
+    if not Path(root).exists():
+        raise DataError(f"{field}: {root} does not exist; expected the {source} source directory")
+    if Path(root).resolve() == out_dir.resolve():
+        raise DataError(f"{field}: {root} is the output folder; prepare into another folder")
+    return _imagefolder(Path(root)) if source == "imagefolder" else _parquet(Path(root))
+
+
+def _val_items(source: str, val_root: Path, classes, out_dir: Path) -> list:
+    """The val split from its own folder (e.g. the ImageNet val set in class folders): labels by class name."""
+    if source == "synthetic":
+        raise DataError("data.val_root: the synthetic source has no val folder; expected null")
+    val_classes, items = _load(source, val_root, out_dir, "data.val_root")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in val_classes if c not in index]
+    if unknown:
+        raise DataError(f"{val_root}: class(es) {', '.join(unknown[:3])} are not among data.root's {len(classes)} "
+                        f"classes; expected the same class names")
+    return [(f"val:{key}", index[val_classes[label]], spec) for key, label, spec in items]
+
+
 def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution: int, num_images: int | None,
                     num_classes: int, val_fraction: float, shard_rows: int, seed: int,
                     max_image_pixels: int = 89_478_485, workers: int | None = 1, work_dir: Path | None = None,
-                    row_group_rows: int = ROW_GROUP_ROWS) -> dict:
+                    row_group_rows: int = ROW_GROUP_ROWS, val_root: Path | None = None) -> dict:
     """Prepare `source` into `out_dir` (shards + manifest.json, written last); returns the manifest.
 
     `workers`: processes (None = every core; 1, the default, = this process). `work_dir`: where shards and
@@ -155,6 +179,8 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
     them); shards are then hard-linked into `out_dir`. Without it they are built in `out_dir` and the progress
     files removed at the end.
     With `num_images`, the first `num_images` usable images of the source are kept (skipped ones are topped up).
+    With `val_root` (same kind of source, same class names), the val split is every image of that folder and
+    `val_fraction` must be 0; `num_images` then caps the train split only.
     """
     if source not in SOURCES:
         raise DataError(f"data.source: given {source!r}; expected one of {', '.join(SOURCES)}")
@@ -162,6 +188,9 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
         raise DataError(f"data.resolution: given {resolution}; expected >= {MIN_SIDE}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data.val_fraction: given {val_fraction}; expected 0 <= val_fraction < 1")
+    if val_root is not None and val_fraction:
+        raise DataError(f"data.val_fraction: given {val_fraction} with data.val_root set; expected 0 (the val "
+                        f"split is data.val_root)")
     if shard_rows < 1:
         raise DataError(f"data.shard_rows: given {shard_rows}; expected >= 1")
     if num_images is not None and num_images < 0:
@@ -170,26 +199,24 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
     if source == "synthetic":
         classes, items = _synthetic(num_images, num_classes, seed)
     else:
-        if root is None:
-            raise DataError(f"data.root: not set; the {source} source needs a directory")
-        if not Path(root).exists():
-            raise DataError(f"data.root: {root} does not exist; expected the {source} source directory")
-        if Path(root).resolve() == out_dir.resolve():
-            raise DataError(f"data.root: {root} is the output folder; prepare into another folder")
-        classes, items = _imagefolder(Path(root)) if source == "imagefolder" else _parquet(Path(root))
+        classes, items = _load(source, root, out_dir, "data.root")
+    val_items = _val_items(source, Path(val_root), classes, out_dir) if val_root is not None else []
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # a run that dies midway leaves no manifest over mixed shards
     shard_dir = Path(work_dir) if work_dir is not None else out_dir
     (shard_dir / PROGRESS).mkdir(parents=True, exist_ok=True)
 
-    splits = [split_of(key, val_fraction) for key, _, _ in items]
+    # val_root's items come first and are always all kept; the cap counts data.root's images
+    splits = ["val"] * len(val_items) + [split_of(key, val_fraction) for key, _, _ in items]
+    first, items = len(val_items), val_items + items
     unit_args = {"resolution": resolution, "max_pixels": max_image_pixels, "class_names": tuple(classes),
                  "row_group_rows": row_group_rows}
-    limit = len(items) if num_images is None else min(num_images, len(items))
+    limit = len(items) if num_images is None else min(first + num_images, len(items))
     while True:  # with a cap, add as many items as were skipped until the cap or the source runs out
         units = _plan(items, splits, limit, shard_rows, shard_dir, unit_args)
         records = _run([u for split in SPLITS for u in units[split]], resolve_workers(workers))
-        kept = sum(r["rows"] for r in records.values())
+        from_val_root = sum(records[u.file]["rows"] for u in units["val"]) if val_items else 0
+        kept = sum(r["rows"] for r in records.values()) - from_val_root
         if num_images is None or kept >= num_images or limit >= len(items):
             break
         limit = min(len(items), limit + num_images - kept)
@@ -198,11 +225,11 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
         skipped = sum(len(r["skipped"]) for r in records.values())
         raise DataError(f"{where}: no usable images ({skipped} skipped); expected at least one valid image")
     return _finish(source, root, out_dir, shard_dir, units, records, classes, seed, val_fraction, shard_rows,
-                   row_group_rows, resolution)
+                   row_group_rows, resolution, val_root)
 
 
 def _finish(source, root, out_dir: Path, shard_dir: Path, units, records, classes, seed, val_fraction,
-            shard_rows, row_group_rows, resolution) -> dict:
+            shard_rows, row_group_rows, resolution, val_root) -> dict:
     """Drop stale files, publish the shards in `out_dir`, then write the manifest (last)."""
     shards = {s: [{"file": u.file, "rows": records[u.file]["rows"]} for u in units[s]] for s in SPLITS}
     keep = {u.file for s in SPLITS for u in units[s]}
@@ -222,6 +249,7 @@ def _finish(source, root, out_dir: Path, shard_dir: Path, units, records, classe
     skipped = sorted(x for r in records.values() for x in r["skipped"])
     content = hashlib.sha256(b"".join(digests[s] for s in SPLITS)).hexdigest()
     manifest = {"version": 2, "source": source, "root": str(root) if root is not None else None,
+                "val_root": str(val_root) if val_root is not None else None,
                 "resolution": resolution, "num_classes": len(classes), "class_names": list(classes), "seed": seed,
                 "val_fraction": val_fraction, "shard_rows": shard_rows, "row_group_rows": row_group_rows,
                 "image_format": "png", "num_images": {s: sum(counts[s].values()) for s in SPLITS},

@@ -181,6 +181,9 @@ def evaluate(params: Params, args, dist) -> int:
             return 0
         recon = recon_metrics(params, extractor, dist.device)
         protocol["recon_images"] = recon.pop("num_images")
+        d = params.data
+        protocol["recon_source"] = (f"data.val_root {d.val_root}" if d.val_root else
+                                    f"the val split: a {d.val_fraction:g} slice of {d.root or d.source}")
         protocol["linear_probe"] = (f"logistic regression on flattened final latents, {recon.pop('probe_train_images')} "
                                     f"train -> {recon.pop('probe_val_images')} val images")
         metrics = {k: float(v) for k, v in {**metrics, **recon}.items()}

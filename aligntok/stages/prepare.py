@@ -24,7 +24,8 @@ def run(params: Params, args) -> int:
                                        num_images=d.num_images, num_classes=d.num_classes,
                                        val_fraction=d.val_fraction, shard_rows=d.shard_rows, seed=params.seed,
                                        max_image_pixels=d.max_image_pixels, workers=resolve_workers(d.num_workers),
-                                       work_dir=CHECKPOINTS / "prepare" / d.name)
+                                       work_dir=CHECKPOINTS / "prepare" / d.name,
+                                       val_root=Path(d.val_root) if d.val_root else None)
         except DataError as e:
             raise ConfigError(str(e)) from None
         counts = {f"{split}_images": sum(c.values()) if isinstance(c, dict) else c

@@ -14,7 +14,7 @@ from aligntok.stages.common import OUTPUTS, metrics_path, protocol_path
 def _labels(p: dict) -> dict[str, str]:
     gen = (f"{p.get('fid_backbone')}-{p.get('feature_dim')}, {p.get('num_samples')} samples, {p.get('sampler')} "
            f"{p.get('steps')} steps, vs {p.get('reference')}")
-    recon = f"{p.get('recon_images')} val images"
+    recon = f"{p.get('recon_images')} val images ({p.get('recon_source')})"
     return {"gfid": f"FD in {gen}", "is": f"{p.get('fid_backbone')} classifier logits, {p.get('num_samples')} samples",
             "precision": f"k=3 in {p.get('fid_backbone')} space", "recall": f"k=3 in {p.get('fid_backbone')} space",
             "fd_judge": f"{p.get('judge_backbone')}", "class_acc_judge": "judge's argmax == the sample's class",
