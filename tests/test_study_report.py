@@ -17,7 +17,7 @@ def log_pipeline(client, exp, pid, seed, variant, psnr, curve, finished=True):
     params = {"seed": str(seed), "tokenizer.kind": "aligntok", "tokenizer.stage2.steps": "100",
               "tokenizer.stage3.steps": "100", "tokenizer.stage2.semantic_weight": "1.0", **VARIANT_PARAMS[variant]}
     for stage in ("train-dit", "evaluate"):
-        run = client.create_run(exp, tags={"stage": stage, "pipeline_id": pid})
+        run = client.create_run(exp, tags={"stage": stage, "pipeline_id": pid, "mlflow.source.git.commit": f"c{seed}"})
         for k, v in params.items():
             client.log_param(run.info.run_id, k, v)
         if stage == "evaluate":
@@ -49,6 +49,7 @@ def test_report_groups_variants_and_seeds(tmp_path):
     # mean 21, sample standard deviation of (20, 22) = 1.41
     assert "| 2 | 21 ± 1.4 |" in rows["(a)"] and "| 1 | 18 ± 0 |" in rows["(d)"]
     assert "make study STUDY_SEEDS='0 1'" in report
+    assert "3 pipelines at commit `c0`, `c1` (read from their MLflow runs)" in report  # the interrupted one is out
     for key in ("probe_fd", "probe_class_acc"):
         assert (tmp_path / "rep" / f"study_{key}.png").stat().st_size > 1000
 
@@ -59,3 +60,14 @@ def test_curve_means_and_spread_per_step():
              ("a", "1"): {"metrics": {}, "curves": {"probe_fd": [(10, 4.0), (20, 1.0)], "probe_class_acc": []}}}
     _, curves = summarise(found)
     assert curves["a"]["probe_fd"] == [(10, 3.0, pytest.approx(2 ** 0.5, rel=1e-12)), (20, 1.0, 0.0)]
+
+
+def test_a_pipelines_time_starts_at_its_first_stage(tmp_path):
+    """The report's wall time counts tokenizer training too: a pipeline starts with its earliest run, not train-dit."""
+    from aligntok.stages.study import collect
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("study")
+    client.create_run(exp, tags={"stage": "prepare", "pipeline_id": "p-a0"}, start_time=1000)
+    log_pipeline(client, exp, "p-a0", 0, "a", 20.0, [(100, 4.0)])
+    found = collect(client.search_runs([exp]), lambda run_id, key: [])
+    assert found[("a", "0")]["start"] == 1000 < found[("a", "0")]["end"]

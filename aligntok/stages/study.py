@@ -40,8 +40,11 @@ def collect(runs, history) -> dict[tuple[str, str], dict]:
     """{(variant, seed): {"metrics": {...}, "curves": {name: [(step, value)]}, "start": ms, "end": ms}}.
     `history(run_id, key)` returns [(step, value)] (MLflow's metric history)."""
     by_pipeline: dict[str, dict] = defaultdict(dict)
+    first: dict[str, int] = {}  # each pipeline's first run start (its parent run, or prepare)
     for r in runs:
         stage, pid = r.data.tags.get("stage"), r.data.tags.get("pipeline_id")
+        if pid:
+            first[pid] = min(first.get(pid, r.info.start_time), r.info.start_time)
         if stage in ("evaluate", "train-dit") and pid and r.info.status == "FINISHED":
             by_pipeline[pid][stage] = r
     out: dict[tuple[str, str], dict] = {}
@@ -51,7 +54,8 @@ def collect(runs, history) -> dict[tuple[str, str], dict]:
         ev, dit = stages["evaluate"], stages["train-dit"]
         key = (variant_of(ev.data.params), ev.data.params.get("seed", "?"))
         entry = {"metrics": dict(ev.data.metrics), "curves": {name: history(dit.info.run_id, name) for name, _ in CURVES},
-                 "start": dit.info.start_time, "end": ev.info.end_time or ev.info.start_time, "pipeline": pid}
+                 "start": first[pid], "end": ev.info.end_time or ev.info.start_time, "pipeline": pid,
+                 "commit": ev.data.tags.get("mlflow.source.git.commit", "unknown")}
         if key not in out or out[key]["end"] < entry["end"]:
             out[key] = entry
     return out
@@ -116,8 +120,10 @@ def report(found: dict, out_dir: Path, command: str, commit: str | None) -> Path
     starts, ends = [e["start"] for e in found.values()], [e["end"] for e in found.values()]
     wall = (max(ends) - min(starts)) / 60000 if found else 0.0
     lines = ["# Small-scale study: is an aligned semantic encoder's latent space easier for a DiT?", "",
-             f"Made by `{command}` at commit `{commit or 'unknown'}` on {time.strftime('%Y-%m-%d')}; "
-             f"{len(found)} pipelines, first DiT start to last evaluate end: {wall:.1f} min.", "",
+             f"Made by `{command}`: {len(found)} pipelines at commit "
+             f"{', '.join(f'`{c}`' for c in sorted({e['commit'] for e in found.values()}))} (read from their MLflow "
+             f"runs), first stage start to last evaluate end: {wall:.1f} min. Report written on "
+             f"{time.strftime('%Y-%m-%d')} at commit `{commit or 'unknown'}`.", "",
              "Every number is a mean ± standard deviation over seeds, read from MLflow. Judge metrics use the "
              "independent judge classifier (aligntok/eval/judge.py), not the tokenizer's encoder.", "",
              *rows, "", "## Convergence (diffusability probe during DiT training, no CFG)", "",
