@@ -13,11 +13,10 @@ For Kubernetes, create a `kubernetes` pool whose job template mounts the shared 
 project installed; for Slurm, run `prefect worker start` inside a long-lived allocation (or use a pool type that
 submits jobs) — the flow itself is the same; only where its process starts changes.
 """
-import argparse
 import asyncio
 import sys
 
-from pipelines.flow import ROOT, PipelineParams, aligntok_pipeline
+from pipelines.flow import ROOT, aligntok_pipeline, deployment_parser, run_form_defaults
 
 
 async def ensure_pool(name: str, pool_type: str = "process") -> None:
@@ -32,16 +31,13 @@ async def ensure_pool(name: str, pool_type: str = "process") -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.deploy", description=__doc__.splitlines()[0])
+    parser = deployment_parser("python -m pipelines.deploy", __doc__.splitlines()[0])
     parser.add_argument("--pool", required=True, help="work pool name (created as a process pool if missing)")
-    parser.add_argument("--name", default="aligntok", help="deployment name (default: aligntok)")
-    parser.add_argument("--profile", default="smoke", choices=PipelineParams.model_fields["profile"].annotation.__args__,
-                        help="default profile in the run form (default: smoke)")
     args = parser.parse_args(argv)
     asyncio.run(ensure_pool(args.pool))
-    defaults = PipelineParams(profile=args.profile).model_dump(mode="json")
     deployment_id = aligntok_pipeline.from_source(source=str(ROOT), entrypoint="pipelines/flow.py:aligntok_pipeline").deploy(
-        name=args.name, work_pool_name=args.pool, parameters={"params": defaults}, tags=["aligntok", args.profile],
+        name=args.name, work_pool_name=args.pool, parameters=run_form_defaults(args.profile),
+        tags=["aligntok", args.profile],
         description="prepare -> tokenizer stages 1-3 -> cache-latents -> train-dit -> evaluate, on a work pool",
         concurrency_limit=1, print_next_steps=False)
     print(f"deployment aligntok-pipeline/{args.name} ({deployment_id}) on pool {args.pool}; "

@@ -61,6 +61,21 @@ class PipelineParams(BaseModel):
         return [f"{k}={v}" for k, v in named.items() if v is not None] + list(self.overrides)
 
 
+def deployment_parser(prog: str, description: str):
+    """The options `pipelines.serve` and `pipelines.deploy` share: the deployment's name and the profile whose
+    values fill the run form by default (every field can still be changed per run)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--name", default="aligntok", help="deployment name (default: aligntok)")
+    parser.add_argument("--profile", default="smoke", choices=Profile.__args__,
+                        help="default profile in the run form (default: smoke)")
+    return parser
+
+
+def run_form_defaults(profile: str) -> dict:
+    return {"params": PipelineParams(profile=profile).model_dump(mode="json")}
+
+
 class StageFailed(RuntimeError):
     """A stage's command failed; `code` is the aligntok exit code when DVC reported it (else dvc's own)."""
 

@@ -6,22 +6,16 @@
 
 `--profile` sets the deployment's default run-form values; every field can still be changed per run.
 """
-import argparse
 import sys
 
-from pipelines.flow import PipelineParams, aligntok_pipeline
+from pipelines.flow import aligntok_pipeline, deployment_parser, run_form_defaults
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--name", default="aligntok", help="deployment name (default: aligntok)")
-    parser.add_argument("--profile", default="smoke", choices=PipelineParams.model_fields["profile"].annotation.__args__,
-                        help="default profile in the run form (default: smoke)")
-    args = parser.parse_args(argv)
-    defaults = PipelineParams(profile=args.profile).model_dump(mode="json")
+    args = deployment_parser("python -m pipelines.serve", __doc__.splitlines()[0]).parse_args(argv)
     # limit=1: stage processes use every core; runs queue instead of competing.
-    aligntok_pipeline.serve(name=args.name, limit=1, tags=["aligntok", args.profile], parameters={"params": defaults},
-                            description="prepare -> tokenizer stages 1-3 -> cache-latents -> train-dit -> evaluate")
+    aligntok_pipeline.serve(name=args.name, limit=1, tags=["aligntok", args.profile],
+                            parameters=run_form_defaults(args.profile), description="prepare -> tokenizer stages 1-3 -> cache-latents -> train-dit -> evaluate")
 
 
 if __name__ == "__main__":
