@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", help="an ADM reference batch .npz instead of the prepared train images")
             p.add_argument("--out", help="metrics file (default outputs/metrics/evaluate.json)")
     b = sub.add_parser("bench", help="benchmarks: throughput and FLOP/s on this machine")
-    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "eval", "scale"])
+    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "ddp", "eval", "scale"])
     b.add_argument("--out", help="also write the figures as JSON here")
     b.add_argument("--quick", action="store_true", help="fewer steps/sizes (CI smoke of the benchmark)")
     b.add_argument("--reference-root", metavar="DIR",
