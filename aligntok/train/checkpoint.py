@@ -72,12 +72,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, modules: dict[str, torch.nn.Mo
         save_safetensors(flat_state(modules), tmp / "model.safetensors")  # a full disk raises OSError(ENOSPC)
         if ema:
             save_safetensors(flat_state(ema), tmp / "ema.safetensors")
-        state = {
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        # no RNG state: the loop seeds every step from (seed, rank, step), so a resume on any world size draws
+        # what an uninterrupted run would without it (a saved state would be one rank's only)
+        state = {"optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()}}
         torch.save(state, tmp / "state.pt")
         digests = {f: _sha256(tmp / f) for f in FILES if (tmp / f).exists()}
         write_bytes_atomic(tmp / "meta.json", json.dumps({"step": step, "state_hash": state_hash, "run_id": run_id,
@@ -157,6 +155,3 @@ def load_checkpoint(ckpt: Checkpoint, *, modules, ema, optimizers, schedulers) -
         o.load_state_dict(state["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
