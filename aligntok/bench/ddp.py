@@ -1,14 +1,14 @@
-"""`aligntok bench ddp`: how a DiT train step scales from one process to N at the same global batch.
+"""`aligntok bench ddp`: how a DiT train step scales from one process to N.
 
 Each configuration is a real torchrun launch (gloo on CPU, NCCL on GPUs) of this module's worker: DDP exactly as
 training wraps it (gradient bucket views), AdamW, the flow-matching loss; a barrier around every timed step, so
-the figure is the slowest rank's. On a CPU the cores are shared: one process with every core is the baseline,
-N processes get cores/N threads each, and one process with cores/N threads is timed too, so the per-process
-cost of DDP (the gradient all-reduce) is visible apart from the split of the cores. On GPUs: 1 GPU against all
-visible GPUs, one process per GPU.
+the figure is the slowest rank's. On a CPU the cores are shared and the global batch stays the same: one process
+with every core is the baseline, N processes get cores/N threads each, and one process with cores/N threads is
+timed too, so the cost of DDP itself (the gradient all-reduce) shows apart from the split of the cores. On GPUs:
+1 GPU against all visible GPUs, one process per GPU, at the same batch per GPU.
 
-speedup = images/s of N processes over images/s of the one-process baseline. 1.0x on a CPU is the expected
-figure when one process already keeps every core busy: DDP only splits the same GEMM work."""
+speedup = images/s of N processes over images/s of the one-process baseline. About 1.0x or below on a CPU is
+expected when one process already keeps every core busy: DDP only splits the same GEMM work."""
 from __future__ import annotations
 
 import argparse
@@ -94,29 +94,37 @@ def _launch(nproc: int, threads: int | None, model: str, global_batch: int, step
             "img_per_s": global_batch / med}
 
 
-def run(quick: bool = False, model: str | None = None, global_batch: int = 8, steps: int = 5,
-        nprocs: int | None = None) -> dict:
-    """quick: the tiny model, 2 steps (a smoke test of the benchmark itself)."""
+def run(quick: bool = False, model: str | None = None, batch: int | None = None, steps: int = 5) -> dict:
+    """CPU: 1 -> 2 processes at the same global batch (`batch`, default 8). GPUs: 1 -> every visible GPU at the
+    same batch per GPU (`batch`, default 32), so the one-GPU run fits in memory wherever the N-GPU one does; the
+    efficiency is the speed-up over N. quick: the tiny model, 2 steps (a smoke test of the benchmark itself)."""
     gpus = torch.cuda.device_count()
-    n = nprocs or (gpus if gpus > 1 else 2)
+    if gpus == 1:
+        why = "one GPU is visible: there is nothing to split (set CUDA_VISIBLE_DEVICES to 2 or more GPUs)"
+        print(f"bench ddp: skipped: {why}", file=sys.stderr)
+        return {"skipped": why}
+    n, cores = gpus or 2, os.cpu_count() or 1
     model = model or ("tiny" if quick else "LightningDiT-XL/1" if gpus else "LightningDiT-B/2")
-    if quick:
-        steps = 2
-    if global_batch % n:
-        raise ValueError(f"bench ddp: global batch {global_batch} does not divide over {n} processes")
-    cores = os.cpu_count() or 1
+    steps = 2 if quick else steps
+    if gpus:  # one GPU, then n: weak scaling
+        per_gpu = batch or 32
+        layout = [(1, None, per_gpu), (n, None, per_gpu * n)]
+    else:  # the cores are shared: the baseline on every core, one process on one process's share, n processes
+        batch, share = batch or 8, max(1, cores // n)
+        if batch % n:
+            raise ValueError(f"bench ddp: global batch {batch} does not divide over {n} processes")
+        layout = [(1, cores, batch), (1, share, batch), (n, share, batch)]
     with tempfile.TemporaryDirectory(prefix="aligntok-bench-ddp-") as d:
-        tmp = Path(d)
-        # GPUs: one against n. CPU: the baseline (every core), one process on one process's share, n processes
-        share = max(1, cores // n)
-        layout = [(1, None), (n, None)] if gpus else [(1, cores), (1, share), (n, share)]
-        rows = [_launch(p, threads, model, global_batch, steps, tmp) for p, threads in layout]
+        rows = [_launch(p, threads, model, b, steps, Path(d)) for p, threads, b in layout]
     base, last = rows[0], rows[-1]
-    result = {"model": model, "global_batch": global_batch, "timed_steps": steps, "cores": cores, "rows": rows,
-              "speedup": last["img_per_s"] / base["img_per_s"]}
-    if not gpus:
+    speedup = last["img_per_s"] / base["img_per_s"]
+    result = {"model": model, "timed_steps": steps, "cores": cores, "gpus": gpus, "rows": rows, "speedup": speedup,
+              "scaling": "same batch per GPU" if gpus else "same global batch"}
+    if gpus:
+        result["efficiency"] = speedup / n
+    else:
         result["speedup_over_one_process_on_its_share"] = last["img_per_s"] / rows[1]["img_per_s"]
-    print(f"bench ddp: {model}, global batch {global_batch}: 1 -> {n} processes = {result['speedup']:.2f}x "
+    print(f"bench ddp: {model}, {result['scaling']}: 1 -> {n} processes = {speedup:.2f}x "
           f"({base['img_per_s']:.2f} -> {last['img_per_s']:.2f} img/s)", file=sys.stderr)
     return result
 
