@@ -33,7 +33,7 @@ def _worker(argv: list[str]) -> None:
     from aligntok.diffusion.flow import FlowMatching
     from aligntok.models.dit import build_dit
     from aligntok.train.dist import cleanup, init_distributed
-    from aligntok.train.loop import adamw, cuda_fast_math
+    from aligntok.train.loop import adamw, bf16_autocast, cuda_fast_math
 
     p = argparse.ArgumentParser()
     p.add_argument("--model"), p.add_argument("--global-batch", type=int), p.add_argument("--steps", type=int)
@@ -62,7 +62,8 @@ def _worker(argv: list[str]) -> None:
     for i in range(a.steps + 1):  # step 0: warm-up (allocation, DDP's first bucket rebuild), not timed
         sync()
         t0 = time.perf_counter()
-        loss, _ = fm.loss(model, x, y)
+        with bf16_autocast(dist.device):  # as training runs on CUDA (TF32 too); nothing changes on CPU
+            loss, _ = fm.loss(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
