@@ -171,6 +171,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what went wrong and where; anything else keeps its traceback."""
     from aligntok.data.latents import LatentCacheError
     from aligntok.data.shards import DataError
+    from aligntok.eval.judge import JudgeLoadError
     from aligntok.eval.metrics import MetricError
     from aligntok.eval.npz import NpzError
     from aligntok.generate import DitLoadError
@@ -181,7 +182,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from aligntok.train.dist import SharedDirError
     from aligntok.train.loop import TrainingDiverged
     return (DataError, LatentCacheError, NpzError, MetricError, TokenizerLoadError, EncoderLoadError, DitLoadError,
-            WriteError, CheckpointWriteError, TrainingDiverged, SharedDirError)
+            JudgeLoadError, WriteError, CheckpointWriteError, TrainingDiverged, SharedDirError)
 
 
 def _switch_profile(name: str, target: Path) -> int:

@@ -167,9 +167,10 @@ def test_credentials_in_the_tracking_uri_never_reach_mlflow_or_logs(prepared, tm
             assert secret not in Path(local).read_text()
 
 
-def _dit_export(repo, channels: int, config_channels: int) -> Path:
+def _dit_export(repo, channels: int, config_channels: int, tokenizer: Path | None = None) -> Path:
     """A DiT export in outputs/dit/model with `channels`-channel weights, as train-dit writes it, trained on the
-    latents of a real `channels`-channel tokenizer; config.json claims `config_channels`."""
+    latents of a real `channels`-channel tokenizer (another one, or `tokenizer`); config.json claims
+    `config_channels`."""
     from aligntok.config import load_params
     from aligntok.generate import save_dit
     from aligntok.models.dit import build_dit
@@ -187,7 +188,7 @@ def _dit_export(repo, channels: int, config_channels: int) -> Path:
     save_dit(dit, out, {"model": params.dit.model, "input_size": size, "in_channels": config_channels,
                         "num_classes": params.data.num_classes, "qk_norm": False,
                         "latent_stats": {"mean": [0.0] * config_channels, "std": [1.0] * config_channels},
-                        "tokenizer_hash": tokenizer_hash(other)})
+                        "tokenizer_hash": tokenizer_hash(tokenizer or other)})
     return out
 
 
@@ -209,5 +210,19 @@ def test_dit_weights_that_do_not_match_their_config(prepared, tmp_path):
     try:
         _fails_in_one_line(_cli(repo, env, "evaluate", "--out", str(tmp_path / "m.json")),
                            "outputs/dit/model/model.safetensors", "in_channels 32", "different DiTs")
+    finally:
+        shutil.rmtree(out.parent)
+
+
+def test_evaluate_without_the_judge_stage_output(prepared, tmp_path):
+    """The judge's folder is missing (deleted, or evaluate run by hand before `aligntok judge`): one line naming the
+    file and the two ways out, before any sample is drawn."""
+    repo, env = prepared
+    out = _dit_export(repo, 32, 32, tokenizer=repo / "outputs/tokenizer/stage3/model")  # fits: the judge is next
+    try:
+        assert not (repo / "outputs/judge").exists()
+        _fails_in_one_line(_cli(repo, env, "evaluate", "--out", str(tmp_path / "m.json")),
+                           "outputs/judge/config.json: missing", "aligntok judge", "judge.source=none")
+        assert not (repo / "checkpoints/evaluate").exists()  # failed before sampling
     finally:
         shutil.rmtree(out.parent)

@@ -39,7 +39,8 @@ def _cli(*args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """ci-profile data plus random-init tokenizer (stage 1 = stage 3) and a tiny DiT, in the stage layout."""
+    """ci-profile data and judge, plus random-init tokenizer (stage 1 = stage 3) and a tiny DiT, in the stage
+    layout."""
     from aligntok.config import load_params
     from aligntok.generate import save_dit
     from aligntok.models.dit import build_dit
@@ -50,8 +51,9 @@ def workdir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("evaluate") / "base"
     base.mkdir()
     shutil.copyfile(ROOT / "profiles" / "ci.yaml", base / "params.yaml")
-    proc = subprocess.run(_cli("prepare"), cwd=base, env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("prepare", "judge"):
+        proc = subprocess.run(_cli(stage), cwd=base, env=_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     params = load_params(base / "params.yaml")
     torch.manual_seed(0)
     tok = AlignTokenizer(tokenizer_config(params))
@@ -102,7 +104,7 @@ def one_rank(workdir, tmp_path_factory) -> tuple[Path, float]:
 
 
 SCORES = ["gfid", "is", "precision", "recall", "gfid_cfg", "is_cfg", "precision_cfg", "recall_cfg", "rfid", "psnr",
-          "ssim", "lpips", "semantic_cosine"]
+          "ssim", "lpips", "semantic_cosine", "fd_judge", "class_acc_judge", "fd_judge_cfg", "class_acc_judge_cfg"]
 
 
 def assert_same_scores(a: dict, b: dict) -> None:

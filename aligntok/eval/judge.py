@@ -28,6 +28,10 @@ CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "model.safetensors", "ref
 FEATURE_DIM = 128
 
 
+class JudgeLoadError(ValueError):
+    """The judge stage's output folder is missing or incomplete (one line naming the file)."""
+
+
 def judge_seed(seed: int) -> int:
     """A seed word no data set of the DAG uses (prepare draws synthetic image i from the word [seed, i])."""
     return 1_000_003 + seed
@@ -122,12 +126,18 @@ def load_judge(directory: Path) -> tuple[JudgeNet, dict[str, np.ndarray]] | None
     """(judge, its reference: mu, sigma and the held-out features), or None when the judge stage recorded that it
     is off."""
     from safetensors.torch import load_file
-    config = json.loads((directory / CONFIG_FILE).read_text())
+
+    def present(path: Path) -> Path:
+        if not path.is_file():
+            raise JudgeLoadError(f"{path}: missing; run `aligntok judge` first (dvc repro runs it before train-dit "
+                                 f"and evaluate), or set judge.source=none")
+        return path
+    config = json.loads(present(directory / CONFIG_FILE).read_text())
     if not config.get("enabled", True):
         return None
     judge = JudgeNet(config["num_classes"], config["resolution"])
-    judge.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    with np.load(directory / STATS_FILE, allow_pickle=False) as z:
+    judge.load_state_dict(load_file(str(present(directory / WEIGHTS_FILE))))
+    with np.load(present(directory / STATS_FILE), allow_pickle=False) as z:
         return judge.eval(), {k: z[k] for k in ("mu", "sigma", "features")}
 
 

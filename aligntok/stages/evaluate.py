@@ -61,11 +61,12 @@ def protocol_of(params: Params, extractor, ref: dict | None) -> dict:
     return protocol
 
 
-def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, tracker) -> tuple[dict, dict]:
-    """Samples every variant's parts over all ranks, then (rank 0) scores them: (metrics, run bookkeeping)."""
+def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, judge: tuple | None,
+                     tracker) -> tuple[dict, dict]:
+    """Samples every variant's parts over all ranks, then (rank 0) scores them, with the judge too (`load_judge`'s
+    result; None: off): (metrics, run bookkeeping)."""
     from aligntok.data.shards import read_manifest
     from aligntok.eval.parts import PartStore, Variant, run_parts, sample_key, split_parts
-    from aligntok.eval.judge import load_judge
     from aligntok.eval.scores import score_parts
     from aligntok.generate import labelled_grid, load_generator
 
@@ -80,7 +81,6 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, t
         return {}, {}
     metrics: dict = {}
     names = read_manifest(data_dir(params))["class_names"]
-    judge = None if params.judge.source == "none" else load_judge(JUDGE_DIR)
     for v in variants:
         out = score_parts(store, parts[v], extractor.tag, ref, dist.device, EVAL_DIR / f"samples{v.suffix}.npz")
         metrics.update({f"{k}{v.suffix}": x for k, x in out["metrics"].items()})
@@ -162,9 +162,11 @@ def evaluate(params: Params, args, dist) -> int:
     coord = Coord(dist.rank, dist.world_size)
     if args.samples:  # a bad file fails now, not after the reference statistics
         check_images_npz(args.samples)
-    else:  # so does a DiT that does not fit the tokenizer's latents (weights not loaded yet)
+    else:  # so do a DiT that does not fit the tokenizer's latents (weights not loaded yet) and a missing judge
+        from aligntok.eval.judge import load_judge
         from aligntok.generate import check_dit
         check_dit(DIT_DIR, tokenizer_dir(3))
+        judge = None if params.judge.source == "none" else load_judge(JUDGE_DIR)
     extractor = feature_extractor(params).to(dist.device)
     ref = reference(params, args.reference or params.eval.reference, extractor, coord)
     protocol = protocol_of(params, extractor, ref)
@@ -176,7 +178,7 @@ def evaluate(params: Params, args, dist) -> int:
                                  if coord.is_main else ({}, {}))
             protocol.update(external)
         else:
-            metrics, run = sample_and_score(params, dist, coord, extractor, ref, tracker)
+            metrics, run = sample_and_score(params, dist, coord, extractor, ref, judge, tracker)
         if not coord.is_main:
             return 0
         recon = recon_metrics(params, extractor, dist.device)
