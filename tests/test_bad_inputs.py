@@ -226,3 +226,13 @@ def test_evaluate_without_the_judge_stage_output(prepared, tmp_path):
         assert not (repo / "checkpoints/evaluate").exists()  # failed before sampling
     finally:
         shutil.rmtree(out.parent)
+
+
+def test_train_dit_with_the_probe_on_and_no_judge(prepared, tmp_path):
+    """The probe (ci profile: every 10 steps) needs the judge: train-dit stops before its first step, in one line."""
+    repo = tmp_path / "repo"
+    shutil.copytree(prepared[0], repo, symlinks=True)
+    env = prepared[1]
+    sh([sys.executable, "-m", "aligntok.cli", "cache-latents"], repo, env)
+    _fails_in_one_line(_cli(repo, env, "train-dit"), "outputs/judge/config.json: missing", "aligntok judge")
+    assert not (repo / "checkpoints/train-dit").exists() or not list((repo / "checkpoints/train-dit").rglob("step-*"))

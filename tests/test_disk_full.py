@@ -33,7 +33,8 @@ def _namespaces_work(tmp: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    """A ci-profile repo with data prepared, a random-init 3rd-stage tokenizer and a finished latent cache."""
+    """A ci-profile repo with data prepared, the judge, a random-init 3rd-stage tokenizer and a finished latent
+    cache."""
     from aligntok.config import load_params
     from aligntok.models.tokenizer import AlignTokenizer
     from aligntok.stages.tokenizer import tokenizer_config
@@ -42,7 +43,8 @@ def cached(tmp_path_factory):
     if shutil.which("unshare") is None or not _namespaces_work(base):
         pytest.skip("needs `unshare -rm` (user and mount namespaces) to make a size-limited tmpfs without root")
     repo, env = ci_copy(base, OMP_NUM_THREADS="1")
-    sh([sys.executable, "-m", "aligntok.cli", "prepare"], repo, env)
+    for stage in ("prepare", "judge"):  # train-dit's probe (ci profile: every 10 steps) scores with the judge
+        sh([sys.executable, "-m", "aligntok.cli", stage], repo, env)
     params = load_params(repo / "params.yaml", check_paths=False)
     torch.manual_seed(0)
     AlignTokenizer(tokenizer_config(params)).save_pretrained(repo / "outputs/tokenizer/stage3/model")

@@ -8,7 +8,8 @@ import torch
 
 from aligntok.config import DitConfig, Params
 from aligntok.data.latents import LatentDataset, normalize
-from aligntok.stages.common import CHECKPOINTS, DIT_DIR, LATENTS_DIR, tokenizer_dir, write_metrics, write_plots
+from aligntok.stages.common import (CHECKPOINTS, DIT_DIR, JUDGE_DIR, LATENTS_DIR, tokenizer_dir, write_metrics,
+                                    write_plots)
 from aligntok.train.checkpoint import find_checkpoint
 from aligntok.train.dist import cleanup, init_distributed
 from aligntok.train.loop import adamw, state_hash, train
@@ -21,7 +22,11 @@ class DitRecipe:
 
         self.model = self.net = model
         self.stats, self.generator, self.sample_cfg = stats, generator, sample_cfg
-        self.probe_samples, self._judge, self._judge_loaded = cfg.probe_samples, None, False  # loaded at the first probe
+        self.probe_samples, self._judge = cfg.probe_samples, None
+        if cfg.probe_every and generator is not None:
+            # the probe's scorer, loaded now: a missing judge stops the stage before its first step, not at a probe
+            from aligntok.eval.judge import load_judge
+            self._judge = load_judge(JUDGE_DIR)
         self.flow = FlowMatching(timestep_sampling=cfg.timestep_sampling, use_cosine_loss=cfg.cosine_loss)
         self._opt = adamw(model.parameters(), next(model.parameters()).device, lr=cfg.lr,
                           betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
@@ -62,9 +67,8 @@ class DitRecipe:
     def probe(self, step) -> dict[str, float]:
         """The diffusability probe: judge scores of `probe_samples` class-balanced samples of the current weights
         (fixed noise and labels at every probe, so the curve shows the model changing, not the draw)."""
-        from aligntok.eval.judge import judge_metrics, load_judge
+        from aligntok.eval.judge import judge_metrics
         from aligntok.generate import sample_labels, to_uint8_nhwc
-        from aligntok.stages.common import JUDGE_DIR
         if self.generator is None:  # no tokenizer to decode with (rank > 0, or a recipe built without one)
             return {}
         was = self.model.training
@@ -76,8 +80,6 @@ class DitRecipe:
             x = self.generator.images(labels[idx], idx, self.sample_cfg, cfg_scale=1.0)
             images.append(torch.from_numpy(to_uint8_nhwc(x)).permute(0, 3, 1, 2))
         self.model.train(was)
-        if not self._judge_loaded:  # load_judge may return None (judge off): remember that it was asked
-            self._judge, self._judge_loaded = load_judge(JUDGE_DIR), True
         scores = judge_metrics(self._judge, torch.cat(images), labels.numpy())
         return {f"probe_{k.removesuffix('_judge')}": v for k, v in scores.items()}
 
