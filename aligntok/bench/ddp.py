@@ -23,17 +23,15 @@ from pathlib import Path
 
 import torch
 
-LATENT = (32, 16, 16)
-
 
 def _worker(argv: list[str]) -> None:
     import torch.distributed as torch_dist
-    from torch import nn
 
+    from aligntok.bench.dit import LATENT, NUM_CLASSES
     from aligntok.diffusion.flow import FlowMatching
     from aligntok.models.dit import build_dit
     from aligntok.train.dist import cleanup, init_distributed
-    from aligntok.train.loop import adamw, bf16_autocast, cuda_fast_math
+    from aligntok.train.loop import adamw, bf16_autocast, cuda_fast_math, ddp_wrap
 
     p = argparse.ArgumentParser()
     p.add_argument("--model"), p.add_argument("--global-batch", type=int), p.add_argument("--steps", type=int)
@@ -42,15 +40,14 @@ def _worker(argv: list[str]) -> None:
     dist = init_distributed("auto", shared_dir=a.shared)
     cuda_fast_math(dist.device)
     torch.manual_seed(0)  # same weights on every rank, as DDP's broadcast would make them anyway
-    model = build_dit(a.model, input_size=LATENT[1], in_channels=LATENT[0], num_classes=1000).to(dist.device)
+    model = build_dit(a.model, input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES).to(dist.device)
     if dist.world_size > 1:
-        kw = {"device_ids": [dist.device.index]} if dist.device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, **kw)
+        model = ddp_wrap(model, dist.device)
     opt, fm = adamw(model.parameters(), dist.device, lr=1e-4), FlowMatching()
     local = a.global_batch // dist.world_size
     g = torch.Generator().manual_seed(1 + dist.rank)
     x = torch.randn(local, *LATENT, generator=g).to(dist.device)
-    y = torch.randint(0, 1000, (local,), generator=g).to(dist.device)
+    y = torch.randint(0, NUM_CLASSES, (local,), generator=g).to(dist.device)
 
     def sync():
         if dist.device.type == "cuda":

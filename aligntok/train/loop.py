@@ -129,6 +129,13 @@ def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.Abst
     return contextlib.nullcontext()
 
 
+def ddp_wrap(module: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
+    """DDP as every training stage uses it. Bucket views: gradients live in the all-reduce buckets, saving one
+    copy and one grad-sized buffer."""
+    kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    return nn.parallel.DistributedDataParallel(module, gradient_as_bucket_view=True, **kw)
+
+
 def adamw(params, device: torch.device, **kw) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step on CUDA (the per-parameter launches dominate small-batch steps);
     the CPU keeps the default implementation so CPU results stay bit-identical to before."""
@@ -160,11 +167,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
     cuda_fast_math(dist.device)
     wrapped: list[nn.parallel.DistributedDataParallel] = []
     if dist.world_size > 1:
-        ddp_kw = {"device_ids": [dist.device.index]} if dist.device.type == "cuda" else {}
-
         def ddp(m: nn.Module) -> nn.Module:
-            # bucket views: gradients live in the all-reduce buckets, saving one copy and one grad-sized buffer
-            wrapped.append(nn.parallel.DistributedDataParallel(m, gradient_as_bucket_view=True, **ddp_kw))
+            wrapped.append(ddp_wrap(m, dist.device))
             return wrapped[-1]
         recipe.wrap(ddp)
     if cfg.batch_size % (dist.world_size * cfg.grad_accum):
