@@ -5,18 +5,21 @@ import pytest
 import torch
 
 from aligntok.eval.judge import judge_metrics, load_judge, judge_seed, save_judge, synthetic_batch, train_judge
+from tests.conftest import single_thread
 
 CLASSES, RES = 10, 64
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    torch.set_num_threads(1)
-    judge, facts = train_judge(CLASSES, RES, seed=0, train_images=600, test_images=200, steps=150, batch_size=64,
-                               lr=2e-3)
-    folder = tmp_path_factory.mktemp("judge")
-    save_judge(judge, facts.pop("reference"), folder, {"enabled": True, **facts})
-    return judge, facts, folder
+    """A judge trained on one torch thread; the tests that use it also run on one (the thread count is the
+    caller's again after this module)."""
+    with single_thread():
+        judge, facts = train_judge(CLASSES, RES, seed=0, train_images=600, test_images=200, steps=150, batch_size=64,
+                                   lr=2e-3)
+        folder = tmp_path_factory.mktemp("judge")
+        save_judge(judge, facts.pop("reference"), folder, {"enabled": True, **facts})
+        yield judge, facts, folder
 
 
 def test_heldout_accuracy_is_far_above_chance(trained):

@@ -30,8 +30,12 @@ def test_two_stage_processes_share_one_parent(tmp_path, isolated_mlflow, monkeyp
     monkeypatch.setenv("ALIGNTOK_PIPELINE_ID", "pipe-123")
     in_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode == 0
     heads = {git("rev-parse", "HEAD")} if in_git else set()
+    if in_git:  # the stages see this checkout's git state while working in tmp_path (isolated_mlflow's cwd), so
+        # what they write relative to the working directory (./mlruns, ./checkpoints/tracking) is not in the checkout
+        monkeypatch.setenv("GIT_DIR", git("rev-parse", "--absolute-git-dir"))
+        monkeypatch.setenv("GIT_WORK_TREE", str(ROOT))
     for stage in ("prepare", "tokenizer-stage1"):
-        subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(SMOKE), stage], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(SMOKE), stage], check=True, cwd=tmp_path)
     if in_git:
         heads.add(git("rev-parse", "HEAD"))  # the work tree may be committed to meanwhile
     mlflow.set_tracking_uri(isolated_mlflow)
