@@ -25,6 +25,8 @@ def git_show(path: str) -> str | None:
 
 
 def test_shipped_params_are_the_smoke_profile():
+    """The one test about the root params.yaml itself (every other test loads a committed profile): as committed
+    it is a copy of profiles/smoke.yaml."""
     assert load_params(SMOKE).profile == "smoke"
     # The live params.yaml is the user's to switch (`aligntok profile ci`), so what must be the smoke profile is
     # the committed one; a live params.yaml that says it is smoke must still be that file, not a drifted copy.

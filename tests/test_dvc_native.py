@@ -2,16 +2,20 @@
 metrics files that `dvc exp show` / `dvc metrics diff` can compare (numbers only)."""
 import ast
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SMOKE
 from tests.test_pipeline import copy_repo, isolated_env, sh
 
-PARAMS_FILES = ["params.yaml", *sorted(f"profiles/{p.name}" for p in (ROOT / "profiles").glob("*.yaml"))]
+# The committed profiles; the live params.yaml is the user's to switch (`aligntok profile ...`), and as shipped it is
+# profiles/smoke.yaml (test_config.test_shipped_params_are_the_smoke_profile).
+PARAMS_FILES = sorted(f"profiles/{p.name}" for p in (ROOT / "profiles").glob("*.yaml"))
 # Imported by stages but never changes a result (MLflow bookkeeping, progress bars): no dep, so a fix there
 # reruns nothing.
 BOOKKEEPING = ("aligntok/tracking", "aligntok/progress.py")
@@ -129,9 +133,10 @@ def set_args(value_of: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def recorded_repo(tmp_path_factory):
-    """A repo copy whose dvc.lock records every stage as done (placeholder outs, `dvc commit`): status checks
-    without running the DAG."""
+    """A repo copy on the smoke profile (not whatever the live params.yaml was switched to) whose dvc.lock records
+    every stage as done (placeholder outs, `dvc commit`): status checks without running the DAG."""
     repo = copy_repo(tmp_path_factory.mktemp("dvc") / "aligntok")
+    shutil.copyfile(SMOKE, repo / "params.yaml")
     for stage in dvc_stages().values():
         for item in [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]:
             path = repo / (item if isinstance(item, str) else next(iter(item))).replace("${data.name}", "synthetic")
@@ -148,17 +153,36 @@ def recorded_repo(tmp_path_factory):
     return repo
 
 
+def queued_params(repo: Path) -> dict[str, dict]:
+    """Experiment name -> its params.yaml, flattened, for each experiment queued on HEAD (`dvc exp show`)."""
+    from aligntok.config import flatten
+    show = json.loads(sh(["dvc", "exp", "show", "--json", "--rev", "HEAD"], repo).stdout)
+    head = next(row for row in show if row["rev"] != "workspace")
+    return {rev["name"]: flatten(rev["data"]["params"]["params.yaml"]["data"])
+            for exp in head["experiments"] or [] for rev in exp["revs"]}
+
+
 def test_every_resolved_param_can_be_set_with_dvc_exp_run(recorded_repo):
     """All keys at once, each to its own value; then dit.qk_norm=true, which failed while the key was only a
-    config.py default. Queued, not run: DVC applies -S when it queues."""
+    config.py default. Queued, not run: DVC applies -S when it queues, and each queued experiment's params.yaml
+    must hold exactly what was set."""
     from aligntok.config import flatten, load_params
     values = flatten(load_params(recorded_repo / "params.yaml").model_dump())
+    assert values["dit.qk_norm"] is False  # the smoke profile's; the second experiment turns it on
+    wanted = {}
     try:
-        for args in (set_args(values), ["-S", "dit.qk_norm=true"]):
+        qk_norm_on = {**values, "dit.qk_norm": True}
+        for args, expected in ((set_args(values), values), (["-S", "dit.qk_norm=true"], qk_norm_on)):
             proc = sh(["dvc", "exp", "run", "--queue", *args], recorded_repo)
-            assert "Queued experiment" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-        queued = sh(["dvc", "exp", "show", "--json", "--rev", "HEAD"], recorded_repo).stdout
-        assert "qk_norm" in queued
+            name = re.search(r"Queued experiment '([^']+)'", proc.stdout + proc.stderr)
+            assert name, proc.stdout + proc.stderr
+            wanted[name.group(1)] = expected
+        queued = queued_params(recorded_repo)
+        assert set(queued) == set(wanted), (sorted(queued), sorted(wanted))
+        for name, expected in wanted.items():
+            diff = {k: (queued[name].get(k), v) for k, v in expected.items() if queued[name].get(k) != v}
+            assert not diff, (name, diff)
+            assert set(queued[name]) == set(expected), (name, set(queued[name]) ^ set(expected))
     finally:
         sh(["dvc", "queue", "remove", "--all"], recorded_repo)
         sh(["git", "checkout", "--", "params.yaml"], recorded_repo)

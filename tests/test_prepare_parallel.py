@@ -12,7 +12,7 @@ from PIL import Image
 
 from aligntok.data.shards import DataError
 from aligntok.data.sources import prepare_dataset
-from tests.conftest import ROOT
+from tests.conftest import SMOKE
 
 
 def shard_bytes(d):
@@ -91,7 +91,7 @@ def test_killed_prepare_resumes_and_ends_with_the_same_manifest(tmp_path, isolat
     """SIGKILL a running `aligntok prepare` (all its processes) once shards exist, rerun, compare with one run."""
     settings = dict(num_images=1200, resolution=32, num_classes=10, val_fraction=0.1, shard_rows=16)
     overrides = ["data.num_workers=2", "seed=7", *(f"data.{k}={v}" for k, v in settings.items())]
-    cmd = [sys.executable, "-m", "aligntok.cli", "prepare", "--params", str(ROOT / "params.yaml"),
+    cmd = [sys.executable, "-m", "aligntok.cli", "prepare", "--params", str(SMOKE),
            *(a for o in overrides for a in ("-S", o))]
     progress = tmp_path / "checkpoints" / "prepare" / "synthetic" / ".progress"
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
