@@ -11,7 +11,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 
-.PHONY: install demo test test-slow test-all test-fast ablation study bench clean
+.PHONY: install demo test test-slow test-all test-fast test-random ablation study bench clean
 
 # Re-installs only when pyproject.toml changed (the stamp is named after its hash).
 $(STAMP): pyproject.toml
@@ -42,6 +42,12 @@ test-all: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The fast tests in a random order (pytest-randomly), to catch a test that needs another's leftovers. The seed is
+# printed ("Using --randomly-seed=N"); SEED=N runs that order again.
+SEED ?=
+test-random: $(STAMP)
+	$(PY) -m pytest -q -p randomly $(if $(SEED),--randomly-seed=$(SEED)) -m "not slow" tests
 
 # Semantic-preservation sweep as DVC experiments: queued (one per value), run by JOBS workers, then compared
 # by DVC (committed metrics) and by MLflow. Fails if any experiment failed.
