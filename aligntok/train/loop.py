@@ -8,9 +8,7 @@ preview images, atomic checkpoints with automatic resume, and a clear stop on a 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from aligntok.config import TrainConfig
 from aligntok.data.order import epoch_permutation, variant_choice
 from aligntok.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aligntok.train.dist import DistInfo, all_reduce_mean
+from aligntok.train.schedule import EMA, lr_lambda, unwrap
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,17 +38,6 @@ class Recipe(Protocol):
     # losses per optimiser name (each loss must only put gradients into its own optimiser's parameters)
     def losses(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
     def preview(self, batch: Any, step: int) -> np.ndarray | None: ...  # HxWx3 uint8 grid, or None
-
-
-def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "cosine":
-            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return f
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -88,26 +76,6 @@ class StepBatches(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.steps - self.start
-
-
-class EMA:
-    def __init__(self, modules: dict[str, nn.Module], decay: float, warmup: bool):
-        self.decay, self.warmup, self.updates = decay, warmup, 0
-        self.shadow = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
-
-    @torch.no_grad()
-    def update(self, modules: dict[str, nn.Module]) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        for k, m in modules.items():
-            for s, p in zip(self.shadow[k].parameters(), _unwrap(m).parameters()):
-                s.lerp_(p.detach(), 1 - d)
-            for s, b in zip(self.shadow[k].buffers(), _unwrap(m).buffers()):
-                s.copy_(b)
-
-
-def _unwrap(m: nn.Module) -> nn.Module:
-    return m.module if hasattr(m, "module") else m
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -253,7 +221,7 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                 tracker.log_metrics(scores, step=done)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             if dist.is_main:
-                save_checkpoint(ckpt_dir, done, modules={k: _unwrap(m) for k, m in modules.items()},
+                save_checkpoint(ckpt_dir, done, modules={k: unwrap(m) for k, m in modules.items()},
                                 ema=ema.shadow if ema else {}, optimizers=optimizers, schedulers=schedulers,
                                 state_hash=config_hash, run_id=run_id, history=history)
         bar.update(1)

@@ -1,0 +1,44 @@
+"""What the loop applies to the weights besides the optimiser step: the learning-rate schedule (linear warm-up,
+then cosine or constant) and the EMA of the weights. Kept apart from the loop so that the mutation tests
+(`make mutants`) cover these formulas without the loop's I/O around them."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from aligntok.config import TrainConfig
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return f
+
+
+class EMA:
+    def __init__(self, modules: dict[str, nn.Module], decay: float, warmup: bool):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.shadow = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module]) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for k, m in modules.items():
+            for s, p in zip(self.shadow[k].parameters(), unwrap(m).parameters()):
+                s.lerp_(p.detach(), 1 - d)
+            for s, b in zip(self.shadow[k].buffers(), unwrap(m).buffers()):
+                s.copy_(b)
+
+
+def unwrap(m: nn.Module) -> nn.Module:
+    return m.module if hasattr(m, "module") else m
