@@ -186,6 +186,23 @@ class LauncherConfig(Section):
     `pipelines/slurm/dvc-repro.sbatch`), the node count, rendezvous id and endpoint come from SLURM_* and the
     stage starts one torchrun per node through `srun`.
     """
+class StageTimeouts(Section):
+    """Wall-clock hours the Prefect flow gives each dvc.yaml stage before it kills the stage (then retries it once)."""
+
+    prepare: PosFloat = 6
+    judge: PosFloat = 6
+    tokenizer_stage1: PosFloat = 6
+    tokenizer_stage2: PosFloat = 6
+    tokenizer_stage3: PosFloat = 6
+    cache_latents: PosFloat = 6
+    train_dit: PosFloat = 6
+    evaluate: PosFloat = 6
+
+    def seconds(self, stage: str) -> float:
+        """The limit of dvc.yaml stage `stage` (e.g. 'train-dit') in seconds."""
+        return 3600 * getattr(self, stage.replace("-", "_"))
+
+
 
     nproc_per_node: PosInt = 1  # processes (GPUs) per node
     nnodes: PosInt = 1  # nodes; > 1 needs rdzv_endpoint (or a Slurm allocation)
@@ -200,6 +217,10 @@ class TrackingConfig(Section):
 
 
 class Params(Section):
+    # how long a rank waits in a collective (NCCL's own default, 10 min, is shorter than rank 0 alone saving and
+    # hashing a paper-size checkpoint or verifying one on resume); a dead rank is still caught at once by torchrun
+    timeout_s: PosInt = 3600
+    stage_timeout_h: StageTimeouts = StageTimeouts()
     profile: str = "smoke"
     seed: int = 0
     data: DataConfig = DataConfig()

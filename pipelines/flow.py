@@ -52,7 +52,8 @@ class PipelineParams(BaseModel):
     dit_steps: int | None = Field(None, gt=0, description="dit.steps")
     cfg_scale: float | None = Field(None, ge=1, description="eval.cfg_scale (the with-CFG row)")
     overrides: list[str] = Field(default_factory=list, description="free dotted.key=value overrides")
-    stage_timeout_s: int = Field(6 * 3600, gt=0, description="wall-clock limit per stage")
+    stage_timeout_s: int | None = Field(None, gt=0, description="wall-clock limit of every stage in seconds; "
+                                        "empty: each stage's from the profile (launcher.stage_timeout_h)")
 
     def as_overrides(self) -> list[str]:
         named = {"tokenizer.stage2.semantic_weight": self.semantic_weight, "encoder.arch": self.encoder_arch,
@@ -98,7 +99,7 @@ def transient(task, task_run, state) -> bool:
     return False
 
 
-def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: int, log) -> None:
+def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: float, log) -> None:
     """Run `cmd` in a new process group, forward its lines to `log`, kill the group on timeout or cancel."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, start_new_session=True)
@@ -174,7 +175,7 @@ def _dvc() -> str:
 
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient)
-def run_stage(stage: str, run_dir: str, env: dict, timeout_s: int) -> float:
+def run_stage(stage: str, run_dir: str, env: dict, timeout_s: float) -> float:
     """`dvc repro <stage>` in the run directory; returns the subprocess's wall time in seconds."""
     logger = get_run_logger()
     t0 = time.perf_counter()
@@ -215,8 +216,10 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     parent = env.get("ALIGNTOK_PARENT_RUN_ID")
     seconds, status = {}, "KILLED"
     try:
-        for stage in dag_stages(run_dir / "dvc.yaml"):
-            seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, params.stage_timeout_s)
+        timeouts = {stage: params.stage_timeout_s or resolved.launcher.stage_timeout_h.seconds(stage)
+                    for stage in dag_stages(run_dir / "dvc.yaml")}
+        for stage, timeout_s in timeouts.items():
+            seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, timeout_s)
         status = "FINISHED"
     except Exception:
         status = "FAILED"

@@ -103,7 +103,7 @@ def run(params: Params, args) -> int:
     from aligntok.models.tokenizer import AlignTokenizer
     from aligntok.stages.latents import tokenizer_hash
 
-    dist = init_distributed(params.launcher.device)
+    dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     torch.manual_seed(params.seed + 7 + dist.rank)
     tok_hash = tokenizer_hash(tokenizer_dir(3))
     data = LatentDataset(LATENTS_DIR, tok_hash)

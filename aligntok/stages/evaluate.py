@@ -201,7 +201,7 @@ def evaluate(params: Params, args, dist) -> int:
 
 def run(params: Params, args) -> int:
     """Bad input (NpzError, MetricError) propagates to the CLI, which prints it in one line with exit code 2."""
-    dist = init_distributed(params.launcher.device)
+    dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     try:
         return evaluate(params, args, dist)
     finally:

@@ -40,7 +40,7 @@ def run(params: Params, args) -> int:
     from aligntok.eval.coord import Coord
     from aligntok.stages.common import data_dir
 
-    dist = init_distributed(params.launcher.device)
+    dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     gen = load_generator(DIT_DIR, tokenizer_dir(3), dist.device)
     if args.npz:
         out = Path(args.npz_out)

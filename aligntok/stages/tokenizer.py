@@ -146,7 +146,7 @@ def run(params: Params, args) -> int:
     if stage == 1 and cfg.steps == 0:
         from aligntok.config import ConfigError
         raise ConfigError("tokenizer.stage1.steps: 0 given; stage 1 must train (only stages 2 and 3 may pass through)")
-    dist = init_distributed(params.launcher.device)
+    dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     torch.manual_seed(params.seed + 1000 * stage + dist.rank)
     model = build_stage_model(params, stage).to(dist.device)
     target = None

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from aligntok.io import save_safetensors, write_bytes_atomic
+from aligntok.train.dist import from_main
 
 KEEP = 2
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
@@ -129,8 +130,13 @@ def find_checkpoint(ckpt_dir: Path, state_hash: str) -> Checkpoint | None:
 
     Candidates are every `step-*` folder, newest first (so a kill between renaming a checkpoint into place and
     updating `latest` loses nothing); one that fails verification is reported and skipped, never loaded.
+    Under torchrun only rank 0 looks and verifies, and every rank resumes its choice: ranks on other nodes may see
+    a stale listing of the shared folder, and each rank hashing the same large files would only add reads.
     """
-    ckpt_dir = Path(ckpt_dir)
+    return from_main(lambda: _newest_verified(Path(ckpt_dir), state_hash))
+
+
+def _newest_verified(ckpt_dir: Path, state_hash: str) -> Checkpoint | None:
     skipped = []
     for path in sorted(ckpt_dir.glob("step-*"), reverse=True):
         found, why = _verify(path, state_hash)

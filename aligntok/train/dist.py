@@ -5,11 +5,16 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,13 @@ class SharedDirError(RuntimeError):
     """Ranks do not see the same checkpoints/ folder (the stage needs a shared file system)."""
 
 
-def init_distributed(device_choice: str = "auto", shared_dir: Path | str = "checkpoints") -> DistInfo:
+def init_distributed(device_choice: str = "auto", shared_dir: Path | str = "checkpoints",
+                     timeout_s: float = 3600) -> DistInfo:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run single-process.
 
-    Multi-node runs also prove at once that every rank sees rank 0's `shared_dir` (checkpoints, resume state and
-    outputs are shared through the file system), instead of failing hours later at the first resume.
+    `timeout_s` (launcher.timeout_s) bounds every collective: ranks wait in one while rank 0 alone saves a
+    checkpoint. Multi-node runs also prove at once that every rank sees rank 0's `shared_dir` (checkpoints, resume
+    state and outputs are shared through the file system), instead of failing hours later at the first resume.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -49,22 +56,22 @@ def init_distributed(device_choice: str = "auto", shared_dir: Path | str = "chec
     if world > 1 and not torch_dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                      timeout=timedelta(seconds=timeout_s))
         check_shared_dir(Path(shared_dir), rank)
     return DistInfo(rank, world, local, device)
 
 
 def check_shared_dir(path: Path, rank: int, wait_s: float = 10.0) -> None:
     """Rank 0 writes a fresh token under `path`; every rank must read it back (NFS may need a moment)."""
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    torch_dist.broadcast_object_list(token, src=0)
-    probe = path / ".shared-dir-check" / token[0]
+    token = from_main(lambda: uuid.uuid4().hex)
+    probe = path / ".shared-dir-check" / token
     if rank == 0:
         probe.parent.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token[0])
+        probe.write_text(token)
     torch_dist.barrier()
     deadline = time.monotonic() + wait_s
-    while not (seen := probe.is_file() and probe.read_text() == token[0]) and time.monotonic() < deadline:
+    while not (seen := probe.is_file() and probe.read_text() == token) and time.monotonic() < deadline:
         time.sleep(0.5)
     views = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(views, (rank, socket.gethostname(), seen))
@@ -75,6 +82,15 @@ def check_shared_dir(path: Path, rank: int, wait_s: float = 10.0) -> None:
     if blind:
         raise SharedDirError(f"{path.resolve()}: {', '.join(blind)} cannot see rank 0's files; checkpoints/, "
                              "outputs/ and data/ must be on a file system shared by every node")
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """Rank 0 runs `compute`; every rank returns rank 0's result (one process: just `compute()`)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return compute()
+    box = [compute() if torch_dist.get_rank() == 0 else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
