@@ -4,9 +4,10 @@ Shards are written first under checkpoints/cache-latents/<tokenizer hash>/ (DVC 
 it runs, so a resume must live elsewhere); a rerun skips finished shards (same tokenizer, same image indices) and
 says how many it reused. A shard is written to a temp name and renamed into place, so a kill or a full disk never
 leaves a file that looks finished; a failed write stops the stage with one line naming the shard.
-Each rank encodes its own contiguous part of the train split, streaming it a row group at a time; rank 0 then
-computes latent_stats over all shards and hard-links the finished cache into outputs/latents, where
-`LatentDataset` memory-maps it.
+Shard k holds images [k * shard_rows, (k + 1) * shard_rows) whatever the world size, so the cache (names and bytes)
+is the same on 1 GPU or 16, and a resume on another GPU count reuses every finished shard. Each rank encodes a
+contiguous run of shards, streaming it a row group at a time; rank 0 then computes latent_stats over all shards and
+hard-links the finished cache into outputs/latents, where `LatentDataset` memory-maps it.
 """
 from __future__ import annotations
 
@@ -41,22 +42,38 @@ def _shard_done(path: Path, tok_hash: str, block: list[int]) -> bool:
         with safe_open(str(path), framework="pt") as f:
             return ((f.metadata() or {}).get("tokenizer_hash") == tok_hash
                     and f.get_tensor("indices").tolist() == list(block))
+def shard_name(k: int) -> str:
+    return f"latents-{k:05d}.safetensors"
+
+
+def shard_rows_of(k: int, n: int, shard_rows: int) -> list[int]:
+    """The image indices of shard k of an n-image split."""
+    return list(range(k * shard_rows, min(n, (k + 1) * shard_rows)))
+
+
+def rank_shards(n: int, shard_rows: int, rank: int, world_size: int) -> range:
+    """The shards rank `rank` encodes: a contiguous run of the split's shards."""
+    from aligntok.data.dataset import contiguous_part
+    return contiguous_part(-(-n // shard_rows), rank, world_size)
+
+
     except Exception:  # noqa: BLE001 - a torn/corrupt file is simply redone
         return False
 
 
 @torch.no_grad()
-def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank: int, shard_rows: int,
-                 batch_size: int, hflip: bool, tok_hash: str, device: torch.device) -> tuple[list[dict], int, int]:
-    """Encode `indices` of `dataset` into shards `r{rank}-{k}.safetensors`; returns (shard records, images
-    encoded, finished shards reused from an earlier run)."""
+def encode_split(tokenizer, dataset, shards: range, out_dir: Path, *, shard_rows: int, batch_size: int,
+                 hflip: bool, tok_hash: str, device: torch.device,
+                 show_progress: bool = True) -> tuple[list[dict], int, int]:
+    """Encode shards `shards` of `dataset` (see `shard_rows_of`); returns (shard records, images encoded,
+    finished shards reused from an earlier run)."""
     records, encoded, reused = [], 0, 0
-    for stale in out_dir.glob(f".latents-r{rank:03d}-*.tmp"):  # temp files of a killed run of this rank
-        stale.unlink(missing_ok=True)
-    starts = range(0, len(indices), shard_rows)
-    for k, start in enumerate(progress(starts, desc="cache-latents shards", enabled=rank == 0)):
-        block = indices[start:start + shard_rows]
-        path = out_dir / f"latents-r{rank:03d}-{k:05d}.safetensors"
+    for k in shards:  # temp files of a killed run
+        for stale in out_dir.glob(f".{shard_name(k)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    for k in progress(shards, desc="cache-latents shards", enabled=show_progress):
+        block = shard_rows_of(k, len(dataset), shard_rows)
+        path = out_dir / shard_name(k)
         if _shard_done(path, tok_hash, block):
             reused += 1
         else:
@@ -80,11 +97,11 @@ def encode_split(tokenizer, dataset, indices: list[int], out_dir: Path, *, rank:
 
 
 def run(params: Params, args) -> int:
-    from aligntok.data.dataset import ShardDataset, contiguous_part
+    from aligntok.data.dataset import ShardDataset
     from aligntok.data.shards import read_manifest
     from aligntok.models.tokenizer import AlignTokenizer
 
-    dist = init_distributed(params.launcher.device)
+    dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     model_dir = tokenizer_dir(3)
     # load first: a missing or mismatched model.safetensors is reported by the loader in one line
     tokenizer = AlignTokenizer.from_pretrained(model_dir).to(dist.device).eval()
@@ -93,20 +110,20 @@ def run(params: Params, args) -> int:
     data_manifest = read_manifest(data_dir(params))
     work = CHECKPOINTS / "cache-latents" / f"{tok_hash}-{data_manifest['content_hash'][:12]}"
     work.mkdir(parents=True, exist_ok=True)
-    mine = list(contiguous_part(len(dataset), dist.rank, dist.world_size))
     with stage_run(params, "cache-latents") as tracker:
         t0 = time.perf_counter()
-        records, encoded, reused = encode_split(tokenizer, dataset, mine, work, rank=dist.rank,
-                                                shard_rows=params.latents.shard_rows,
+        per_shard = params.latents.shard_rows
+        mine = rank_shards(len(dataset), per_shard, dist.rank, dist.world_size)
+        records, encoded, reused = encode_split(tokenizer, dataset, mine, work, shard_rows=per_shard,
                                                 batch_size=params.latents.batch_size, hflip=params.latents.hflip,
-                                                tok_hash=tok_hash, device=dist.device)
+                                                tok_hash=tok_hash, device=dist.device, show_progress=dist.is_main)
         if reused:
             print(f"cache-latents: rank {dist.rank} reused {reused} of {len(records)} finished shards from {work}",
                   flush=True)
         seconds = time.perf_counter() - t0
         barrier()
         if dist.is_main:
-            shards = expected_shards(work, len(dataset), dist.world_size, params.latents.shard_rows, tok_hash)
+            shards = expected_shards(work, len(dataset), per_shard, tok_hash)
             stats = compute_stats([work / s for s in shards])
             with safe_open(str(work / shards[0]), framework="pt") as f:
                 shape = list(f.get_slice("latents").get_shape()[1:])
@@ -135,23 +152,19 @@ def run(params: Params, args) -> int:
     return 0
 
 
-def expected_shards(work: Path, n: int, world: int, shard_rows: int, tok_hash: str) -> list[str]:
-    """Every shard this world size must have written, each checked for its tokenizer and image indices.
+def expected_shards(work: Path, n: int, shard_rows: int, tok_hash: str) -> list[str]:
+    """Every shard of an n-image split, each checked for its tokenizer and image indices.
 
-    Shards left by a run on another GPU count (other names or other indices) are never mixed in: the cache is
+    A shard left with other indices (another shard_rows) or by another tokenizer is never mixed in: the cache is
     complete and exact, or the stage stops with one line.
     """
-    from aligntok.data.dataset import contiguous_part
     from aligntok.data.latents import LatentCacheError
     names = []
-    for r in range(world):
-        part = list(contiguous_part(n, r, world))
-        for k, start in enumerate(range(0, len(part), shard_rows)):
-            name = f"latents-r{r:03d}-{k:05d}.safetensors"
-            if not _shard_done(work / name, tok_hash, part[start:start + shard_rows]):
-                raise LatentCacheError(f"{work / name}: missing or not this run's shard (rank {r} of {world}); "
-                                       "re-run `aligntok cache-latents`")
-            names.append(name)
+    for k in range(-(-n // shard_rows)):
+        if not _shard_done(work / shard_name(k), tok_hash, shard_rows_of(k, n, shard_rows)):
+            raise LatentCacheError(f"{work / shard_name(k)}: missing or not this run's shard; "
+                                   "re-run `aligntok cache-latents`")
+        names.append(shard_name(k))
     return names
 
 
