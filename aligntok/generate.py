@@ -91,7 +91,7 @@ def check_dit(model_dir: Path, tokenizer_dir: Path | None = None) -> dict:
         if channels is not None and channels != config["in_channels"]:
             raise DitLoadError(f"{model_dir}: DiT takes {config['in_channels']}-channel latents, but the tokenizer "
                                f"{tokenizer_dir} makes {channels}-channel latents; re-run cache-latents and train-dit")
-        from aligntok.stages.latents import tokenizer_hash
+        from aligntok.fingerprint import tokenizer_hash
         current = tokenizer_hash(tokenizer_dir)
         if config["tokenizer_hash"] != current:
             raise DitLoadError(f"{model_dir}: DiT was trained on latents of tokenizer {config['tokenizer_hash']}, "
@@ -169,7 +169,7 @@ def load_generator(dit_dir: Path, tokenizer_dir: Path, device: torch.device) -> 
     from aligntok.models.tokenizer import AlignTokenizer
 
     dit, config = load_dit(dit_dir, device, tokenizer_dir)  # checked against the tokenizer's latents first
-    from aligntok.stages.tokenizer import file_hash
+    from aligntok.fingerprint import file_hash
 
     tokenizer = AlignTokenizer.from_pretrained(tokenizer_dir).to(device).eval()
     return Generator(dit, config, tokenizer, device, dit_hash=file_hash(Path(dit_dir) / "model.safetensors"))

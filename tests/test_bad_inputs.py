@@ -175,7 +175,7 @@ def _dit_export(repo, channels: int, config_channels: int, tokenizer: Path | Non
     from aligntok.generate import save_dit
     from aligntok.models.dit import build_dit
     from aligntok.models.tokenizer import AlignTokenizer
-    from aligntok.stages.latents import tokenizer_hash
+    from aligntok.fingerprint import tokenizer_hash
     from aligntok.stages.tokenizer import tokenizer_config
 
     params = load_params(repo / "params.yaml", check_paths=False)

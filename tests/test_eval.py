@@ -11,7 +11,7 @@ from aligntok.eval.features import (INCEPTION_URL, FeatureWeightsError, build_fe
 from aligntok.eval.metrics import (MetricError, feature_stats, frechet_distance, inception_score, load_stats,
                                    precision_recall, save_stats)
 from aligntok.eval.npz import NpzError, load_npz_samples, save_npz_samples
-from aligntok.eval.recon import psnr, ssim, to_uint8
+from aligntok.eval.reconstruction import psnr, ssim, to_uint8
 
 
 def rng(seed=0):

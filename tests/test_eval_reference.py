@@ -117,7 +117,7 @@ class MeanColour:
 def test_train_reference_is_the_statistics_of_every_train_image(tmp_path):
     from aligntok.data.dataset import ShardDataset
     from aligntok.data.sources import prepare_dataset
-    from aligntok.eval.recon import to_uint8
+    from aligntok.eval.reconstruction import to_uint8
 
     prepare_dataset("synthetic", tmp_path / "data", root=None, resolution=16, num_images=60, num_classes=3,
                     val_fraction=0.1, shard_rows=16, seed=0)

@@ -45,7 +45,7 @@ def workdir(tmp_path_factory) -> Path:
     from aligntok.generate import save_dit
     from aligntok.models.dit import build_dit
     from aligntok.models.tokenizer import AlignTokenizer
-    from aligntok.stages.latents import tokenizer_hash
+    from aligntok.fingerprint import tokenizer_hash
     from aligntok.stages.tokenizer import tokenizer_config
 
     base = tmp_path_factory.mktemp("evaluate") / "base"

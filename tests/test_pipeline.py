@@ -348,7 +348,7 @@ def test_evaluate_external_samples_and_reference(repo, env, tmp_path):
     from aligntok.data.dataset import ShardDataset
     from aligntok.data.sources import prepare_dataset
     from aligntok.eval.npz import save_npz_samples
-    from aligntok.eval.recon import to_uint8
+    from aligntok.eval.reconstruction import to_uint8
 
     prepare_dataset("synthetic", tmp_path / "smoke", root=None, resolution=64, num_images=1024, num_classes=10,
                     val_fraction=0.1, shard_rows=256, seed=0)

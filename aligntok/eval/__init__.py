@@ -1,2 +1,2 @@
 """Scoring: feature extractors (features.py), FID / IS / precision-recall (metrics.py), per-image
-reconstruction metrics (recon.py) and ADM-layout sample files (npz.py)."""
+reconstruction metrics (reconstruction.py) and ADM-layout sample files (npz.py)."""

@@ -62,7 +62,7 @@ def _rank_sums(extractor, data_dir: Path, coord, batch_size: int, num_workers: i
     """This rank's feature count, sum, outer-product sum and its images of the precision/recall subset."""
     import torch
     from aligntok.data.dataset import ShardIterable
-    from aligntok.eval.recon import to_uint8
+    from aligntok.eval.reconstruction import to_uint8
 
     ds = ShardIterable(data_dir, "train", coord.rank, coord.world_size)
     subset = pr_subset(len(ds.base))
@@ -124,7 +124,7 @@ def file_reference(path, extractor, cache_dir: Path, batch_size: int) -> dict:
     from aligntok.eval.features import extract
     from aligntok.eval.metrics import feature_stats
     from aligntok.eval.npz import load_npz_samples, load_reference_stats
-    from aligntok.stages.tokenizer import file_hash
+    from aligntok.fingerprint import file_hash
 
     path = Path(path)
     stored = uses_stored_stats(path, extractor)

@@ -101,7 +101,7 @@ def run(params: Params, args) -> int:
     from aligntok.generate import Generator, save_dit
     from aligntok.models.dit import build_dit
     from aligntok.models.tokenizer import AlignTokenizer
-    from aligntok.stages.latents import tokenizer_hash
+    from aligntok.fingerprint import tokenizer_hash
 
     dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     torch.manual_seed(params.seed + 7 + dist.rank)

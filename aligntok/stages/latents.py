@@ -21,17 +21,13 @@ from safetensors import safe_open
 
 from aligntok.config import Params
 from aligntok.data.latents import MANIFEST, compute_stats
+from aligntok.fingerprint import tokenizer_hash
 from aligntok.io import replace_dir, write_json_atomic, write_safetensors_atomic
 from aligntok.progress import progress
 from aligntok.stages.common import CHECKPOINTS, LATENTS_DIR, data_dir, tokenizer_dir, write_metrics
 from aligntok.train.dist import barrier, cleanup, init_distributed
 from aligntok.train.loop import bf16_autocast
 from aligntok.tracking import stage_run
-
-
-def tokenizer_hash(model_dir: Path) -> str:
-    from aligntok.stages.tokenizer import file_hash
-    return file_hash(Path(model_dir) / "model.safetensors")
 
 
 def _shard_done(path: Path, tok_hash: str, block: list[int]) -> bool:
@@ -42,6 +38,10 @@ def _shard_done(path: Path, tok_hash: str, block: list[int]) -> bool:
         with safe_open(str(path), framework="pt") as f:
             return ((f.metadata() or {}).get("tokenizer_hash") == tok_hash
                     and f.get_tensor("indices").tolist() == list(block))
+    except Exception:  # noqa: BLE001 - a torn/corrupt file is simply redone
+        return False
+
+
 def shard_name(k: int) -> str:
     return f"latents-{k:05d}.safetensors"
 
@@ -55,10 +55,6 @@ def rank_shards(n: int, shard_rows: int, rank: int, world_size: int) -> range:
     """The shards rank `rank` encodes: a contiguous run of the split's shards."""
     from aligntok.data.dataset import contiguous_part
     return contiguous_part(-(-n // shard_rows), rank, world_size)
-
-
-    except Exception:  # noqa: BLE001 - a torn/corrupt file is simply redone
-        return False
 
 
 @torch.no_grad()

@@ -9,13 +9,13 @@ its encoder too; stages 2 and 3 follow the same recipe.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from aligntok.config import Params, TokenizerStageConfig
+from aligntok.fingerprint import file_hash
 from aligntok.stages.common import (CHECKPOINTS, data_dir, feature_extractor, tokenizer_dir, write_metrics,
                                     write_plots)
 from aligntok.train.checkpoint import find_checkpoint
@@ -36,14 +36,6 @@ def trainable_parts(kind: str, stage: int) -> set[str]:
     if stage == 1:
         return {"encoder", "adapter", "decoder"} if kind == "vae" else {"adapter", "decoder"}
     return {"encoder", "adapter", "decoder"} if stage == 2 else {"decoder"}
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 class TokenizerRecipe:
