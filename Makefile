@@ -2,7 +2,13 @@
 VENV   ?= .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY      = $(VENV)/bin/python
-STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# CUDA=cu126|cu128|cu130: torch and torchvision built for that CUDA, from PyTorch's wheel index (README, "Many GPUs and
+# nodes": the driver each needs); unset: PyPI's build (CUDA 13, driver R580+).
+CUDA   ?=
+CUDA_BUILDS = cu126 cu128 cu130
+$(if $(filter-out $(CUDA_BUILDS),$(CUDA)),$(error CUDA=$(CUDA): expected one of $(CUDA_BUILDS), or unset))
+TORCH_PINS = $(shell sed -n 's/^ *"\(torch\(vision\)\{0,1\}==[^"]*\)",*/\1/p' pyproject.toml)
+STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)$(if $(CUDA),-$(CUDA))
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
@@ -16,6 +22,8 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 # Re-installs only when pyproject.toml changed (the stamp is named after its hash).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(CUDA),$(PY) -m pip install --disable-pip-version-check -q --index-url https://download.pytorch.org/whl/$(CUDA) \
+	  $(addsuffix +$(CUDA),$(TORCH_PINS)))
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 

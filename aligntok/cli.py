@@ -138,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summary":
         from aligntok.stages.summary import run as summary
         return summary(params, args)
+    from aligntok.launch import GpuUnavailable
     try:
         _maybe_torchrun(args.command, params)
     except ConfigError as e:
         print(f"aligntok: config error: {e}", file=sys.stderr)
         return 2
+    except GpuUnavailable as e:
+        print(f"aligntok: {e}", file=sys.stderr)
+        return 1
     module = importlib.import_module(f"aligntok.stages.{STAGES.get(args.command, args.command)}")
     args.stage = args.command
     try:

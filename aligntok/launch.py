@@ -15,6 +15,10 @@ from aligntok.config import ConfigError, LauncherConfig
 DEFAULT_PORT = 29500
 
 
+class GpuUnavailable(RuntimeError):
+    """nvidia-smi lists GPUs but torch sees none: the wheel's CUDA build does not fit this node's driver."""
+
+
 def _slurm_nodes(env: dict[str, str]) -> int:
     return int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
 
@@ -39,6 +43,8 @@ def launch_command(launcher: LauncherConfig, argv: list[str], env: dict[str, str
     env = dict(os.environ if env is None else env)
     if "LOCAL_RANK" in env:  # already a torchrun worker
         return None
+    if launcher.device != "cpu":
+        check_cuda_visible()
     _check_device(launcher)
     in_slurm = "SLURM_JOB_ID" in env and _slurm_nodes(env) > 1 and "ALIGNTOK_SRUN_STEP" not in env
     nnodes = _slurm_nodes(env) if in_slurm else launcher.nnodes
@@ -57,9 +63,32 @@ def launch_command(launcher: LauncherConfig, argv: list[str], env: dict[str, str
                      f"--rdzv_id={rdzv_id}"]
     cmd = [*torchrun, "-m", "aligntok.cli", *argv]
     if in_slurm:  # one torchrun per node; ALIGNTOK_SRUN_STEP stops the step from launching itself again
-        cmd = ["srun", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-               "--export=ALL,ALIGNTOK_SRUN_STEP=1", *cmd]
+        cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_CPUS_ON_NODE")
+        # since Slurm 22.05 a step does not inherit the job's --cpus-per-task: without it, each node's torchrun
+        # and all of its ranks and loader workers would be pinned to one CPU
+        cmd = ["srun", f"--nodes={nnodes}", "--ntasks-per-node=1", *([f"--cpus-per-task={cpus}"] if cpus else []),
+               "--kill-on-bad-exit=1", "--export=ALL,ALIGNTOK_SRUN_STEP=1", *cmd]
     return cmd
+
+
+def check_cuda_visible() -> None:
+    """Raise GpuUnavailable when nvidia-smi lists GPUs that torch cannot use, instead of running on the CPU."""
+    import torch
+    smi = shutil.which("nvidia-smi")
+    if smi is None or torch.cuda.is_available():
+        return
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60).stdout
+        driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return
+    gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
+    if gpus:
+        raise GpuUnavailable(
+            f"nvidia-smi lists {len(gpus)} GPU(s) (driver {driver[0] if driver else 'unknown'}) but torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}) sees none; install the torch build for "
+            "this driver, e.g. `make install CUDA=cu126` (README: Many GPUs and nodes), or set launcher.device=cpu")
 
 
 def _check_device(launcher: LauncherConfig) -> None:

@@ -174,7 +174,8 @@ def launched(tmp_path: Path, nproc: int, hosts: str = "", **slurm: str):
 @pytest.mark.parametrize("case", ["scontrol", "no_scontrol"])
 def test_a_multi_node_allocation_starts_one_torchrun_per_node_through_srun(tmp_path, case):
     if case == "scontrol":  # newer names; scontrol expands the node list; MASTER_PORT unset: 29500
-        slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "a[1-2]"}
+        slurm = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "a[1-2]",
+                 "SLURM_CPUS_PER_TASK": "16"}  # the job's CPUs go to each step (Slurm >= 22.05 would pin it to one)
         hosts, nodes, endpoint, job = "node-a1 node-a2", 2, "node-a1:29500", "77"
     else:  # older names, scontrol fails: the first host is read off the list itself; MASTER_PORT honoured
         slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "3", "SLURM_NODELIST": "gpu[07-09]", "MASTER_PORT": "29611"}
@@ -183,7 +184,8 @@ def test_a_multi_node_allocation_starts_one_torchrun_per_node_through_srun(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]  # the fake srun's exit status: aligntok exec'ed it
     assert argv["scontrol"] == ["show", "hostnames", slurm.get("SLURM_JOB_NODELIST") or slurm["SLURM_NODELIST"]]
     assert "torchrun" not in argv  # srun starts torchrun on each node; this process does not
-    assert argv["srun"] == [f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+    cpus = [f"--cpus-per-task={slurm['SLURM_CPUS_PER_TASK']}"] if "SLURM_CPUS_PER_TASK" in slurm else []
+    assert argv["srun"] == [f"--nodes={nodes}", "--ntasks-per-node=1", *cpus, "--kill-on-bad-exit=1",
                             "--export=ALL,ALIGNTOK_SRUN_STEP=1", str(tmp_path / "fakebin/torchrun"),
                             "--nproc_per_node=4", f"--nnodes={nodes}", "--rdzv_backend=c10d",
                             f"--rdzv_endpoint={endpoint}", f"--rdzv_id={job}", "-m", "aligntok.cli", *STAGE,

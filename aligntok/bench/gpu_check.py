@@ -4,7 +4,8 @@ LightningDiT-XL/1 train img/s and peak memory per GPU at several batches, with a
 `dit.grad_checkpointing` (bf16 autocast, TF32, fused AdamW: what `aligntok train-dit` runs on CUDA), sampling
 img/s of the 30-step Euler sampler, and tokenizer stage-2 (GAN on) img/s at 256 px. Prints a table and writes
 JSON. It exists so a GPU session spends its few minutes measuring, not writing code; without CUDA it says so in
-one line and exits 0 (nothing here is meaningful on a CPU).
+one line and exits 0 (nothing here is meaningful on a CPU), and with GPUs that torch cannot use (a CUDA build newer
+than the driver) it says so in one line and exits 1.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from aligntok.bench.dit import LATENT, NUM_CLASSES, SAMPLER_STEPS
+from aligntok.launch import GpuUnavailable, check_cuda_visible
 from aligntok.train.loop import adamw, bf16_autocast, cuda_fast_math
 
 OPTIONS = [(False, False), (True, False), (False, True), (True, True)]  # (compile, grad_checkpointing)
@@ -128,6 +130,11 @@ def _line(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check_cuda_visible()
+    except GpuUnavailable as e:
+        print(f"gpu-check: {e}")
+        return 1
     if not torch.cuda.is_available():
         print("gpu-check: needs a CUDA GPU and none is visible here; nothing measured")
         return 0

@@ -6,7 +6,6 @@ Both stream from disk through `RowGroupReader`: a process holds at most a few ro
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from aligntok.cpus import usable_cpus
 from aligntok.data.reader import RowGroupReader
 from aligntok.data.shards import SPLITS, DataError, read_manifest
 
@@ -39,8 +39,9 @@ def partition(n: int, rank: int, world_size: int, worker_id: int = 0, num_worker
 
 
 def loader_workers(num_workers: int | None, ranks_per_node: int = 1) -> int:
-    """DataLoader workers per rank for `data.num_workers`: null = the node's cores shared among its ranks."""
-    return max(1, (os.cpu_count() or 1) // max(1, ranks_per_node)) if num_workers is None else num_workers
+    """DataLoader workers per rank for `data.num_workers`: null = the CPUs this process may use, shared among the
+    node's ranks."""
+    return max(1, usable_cpus() // max(1, ranks_per_node)) if num_workers is None else num_workers
 
 
 def contiguous_part(n: int, rank: int, world_size: int) -> range:

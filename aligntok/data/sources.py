@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from aligntok.cpus import usable_cpus
 from aligntok.data.images import MIN_SIDE, Skip, center_crop, encode_png, load_image, to_rgb
 from aligntok.data.shards import MANIFEST, ROW_GROUP_ROWS, SPLITS, DataError, read_manifest
 from aligntok.data.synthetic import SYNTHETIC_CLASSES
@@ -34,8 +35,8 @@ __all__ = ["DataError", "Skip", "prepare_dataset", "center_crop", "to_rgb", "enc
 
 
 def resolve_workers(workers: int | None) -> int:
-    """`data.num_workers` for prepare: null = every core; 0 or 1 = in this process."""
-    return max(1, os.cpu_count() or 1) if workers is None else max(1, workers)
+    """`data.num_workers` for prepare: null = every CPU this process may use; 0 or 1 = in this process."""
+    return usable_cpus() if workers is None else max(1, workers)
 
 
 def split_of(key: str, val_fraction: float) -> str:
