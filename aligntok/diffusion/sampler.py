@@ -22,7 +22,12 @@ from aligntok.diffusion.flow import shift_timesteps
 def combine_cfg(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, cfg_channels: int | None) -> torch.Tensor:
     """v = v_u + s (v_c - v_u). An int cfg_channels guides only the first channels and keeps the conditional
     output elsewhere: GLIDE/DiT/LightningDiT guide 3 channels "for exact reproducibility" (hustvl/LightningDiT
-    #21), reproduced on purpose. None guides all channels."""
+    #21), reproduced on purpose. None guides all channels.
+
+    Computed in at least fp32: under bf16 autocast the model outputs are bf16, and at a scale of 10 the bf16
+    rounding of (cond - uncond) would be amplified 10x at every guided step (LightningDiT samples in fp32)."""
+    dtype = torch.promote_types(cond.dtype, torch.float32)
+    cond, uncond = cond.to(dtype), uncond.to(dtype)
     guided = uncond + cfg_scale * (cond - uncond)
     if cfg_channels is None:
         return guided
