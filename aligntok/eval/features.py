@@ -16,6 +16,7 @@ returns (features [N, dim] float64, logits [N, classes] float64).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -50,6 +51,22 @@ def nhwc_to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).contiguous()
 
 
+@contextlib.contextmanager
+def full_fp32(device: torch.device):
+    """No TF32 in matmuls or cuDNN convolutions and no autocast, restored on exit: training turns TF32 on in the same
+    process, and PyTorch's default allows it in cuDNN. StyleGAN2-ADA, whose Inception port this uses, turns both
+    flags off in the process that computes its metrics."""
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 class FeatureExtractor(nn.Module):
     name: str
     dim: int
@@ -73,7 +90,8 @@ class FeatureExtractor(nn.Module):
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected N x 3 x H x W uint8 images, got {x.dtype} {tuple(x.shape)}")
         device = next(self.parameters(), torch.empty(0)).device
-        feats, logits = self._features(x.to(device))
+        with full_fp32(device):
+            feats, logits = self._features(x.to(device))
         return feats.double().cpu(), logits.double().cpu()
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
