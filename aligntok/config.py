@@ -20,6 +20,12 @@ NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
+# eval.reference for our own statistics of the prepared train split (not a file)
+OWN_REFERENCE = "own"
+ADM_REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+                     "VIRTUAL_imagenet256_labeled.npz")
+
+
 class ConfigError(ValueError):
     """A params problem, reported as one line."""
 
@@ -159,12 +165,14 @@ class EvalConfig(Section):
     feature_dim: PosInt | None = None
     labels: Literal["random", "balanced"] = "balanced"
     cfg_scale: Annotated[float, Field(ge=1)] = 4.0  # the with-CFG row; without-CFG always uses 1.0
-    # null: our own reference, every prepared train image (statistics cached under outputs/reference). Or an ADM
-    # reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz): its stored mu/sigma are used for FID as
-    # stored (ADM's protocol, needs fid_backbone: inception), its arr_0 images for precision/recall.
-    # `aligntok evaluate --reference` overrides it.
+    # An ADM reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz): its stored mu/sigma are used for FID as
+    # stored (ADM's protocol, needs fid_backbone: inception), its arr_0 images for precision/recall. 'own' (or null,
+    # except in the imagenet256 profile): every prepared train image (statistics cached under outputs/reference),
+    # labelled `own` in the protocol: not comparable with published numbers. `aligntok evaluate --reference`
+    # overrides it.
     reference: str | None = None
     amp: bool = True  # bf16 autocast for sampling (DiT + decoder) on CUDA; features stay fp32; inert on CPU
+    probe_per_class: PosInt = 10  # linear probe: a class-stratified sample of this many train images per class
 
 
 class JudgeConfig(Section):
@@ -304,6 +312,8 @@ def _check_paths(p: Params, base: Path) -> None:
     if p.encoder.pretrained not in ("hub", "none", "efficientnet-lite0"):
         must_exist("encoder.pretrained", p.encoder.pretrained)
     must_exist("eval.inception_weights", p.eval.inception_weights)
+    if p.eval.reference != OWN_REFERENCE:
+        must_exist("eval.reference", p.eval.reference)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
@@ -329,6 +339,10 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     if params.profile == "imagenet256" and not params.lpips.pretrained_backbone:
         raise ConfigError("lpips.pretrained_backbone: given False; expected true in the imagenet256 profile "
                           "(a random LPIPS backbone is not a perceptual metric)")
+    if params.profile == "imagenet256" and params.eval.reference is None:
+        raise ConfigError("eval.reference: given None; expected in the imagenet256 profile the path of ADM's reference "
+                          f"batch VIRTUAL_imagenet256_labeled.npz (download {ADM_REFERENCE_URL}), or 'own' for "
+                          "train-split statistics that no published number uses")
     if check_paths:
         _check_paths(params, path.resolve().parent)
     return params

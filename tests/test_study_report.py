@@ -13,7 +13,7 @@ VARIANT_PARAMS = {"a": {}, "b": {"tokenizer.stage2.steps": "0", "tokenizer.stage
                   "c": {"tokenizer.stage2.semantic_weight": "0"}, "d": {"tokenizer.kind": "vae"}}
 
 
-def log_pipeline(client, exp, pid, seed, variant, psnr, curve, finished=True):
+def log_pipeline(client, exp, pid, seed, variant, psnr, curve, finished=True, profile="smoke"):
     params = {"seed": str(seed), "tokenizer.kind": "aligntok", "tokenizer.stage2.steps": "100",
               "tokenizer.stage3.steps": "100", "tokenizer.stage2.semantic_weight": "1.0", **VARIANT_PARAMS[variant]}
     for stage in ("train-dit", "evaluate"):
@@ -21,6 +21,9 @@ def log_pipeline(client, exp, pid, seed, variant, psnr, curve, finished=True):
         for k, v in params.items():
             client.log_param(run.info.run_id, k, v)
         if stage == "evaluate":
+            client.log_dict(run.info.run_id, {"profile": profile, "data": "synthetic: synthetic shapes, 64 px",
+                                              "models": "DiT tiny/2", "fid_backbone": "efficientnet-lite0"},
+                            "protocol.json")
             client.log_metric(run.info.run_id, "psnr", psnr)
             client.log_metric(run.info.run_id, "class_acc_judge", 0.5)
         else:
@@ -33,7 +36,7 @@ def log_pipeline(client, exp, pid, seed, variant, psnr, curve, finished=True):
 def test_report_groups_variants_and_seeds(tmp_path):
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("study")
+    exp = client.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))
     for seed, psnr in ((0, 20.0), (1, 22.0)):
         log_pipeline(client, exp, f"p-a{seed}", seed, "a", psnr, [(100, 4.0), (200, 2.0)])
     log_pipeline(client, exp, "p-d0", 0, "d", 18.0, [(100, 8.0), (200, 5.0)])
@@ -50,6 +53,10 @@ def test_report_groups_variants_and_seeds(tmp_path):
     assert "| 2 | 21 ± 1.4 |" in rows["(a)"] and "| 1 | 18 ± 0 |" in rows["(d)"]
     assert "make study STUDY_SEEDS='0 1'" in report
     assert "3 pipelines at commit `c0`, `c1` (read from their MLflow runs)" in report  # the interrupted one is out
+    # the profile comes from the runs' protocol; the report was made with params.yaml of whatever profile
+    assert ("Profile **smoke**: data synthetic: synthetic shapes, 64 px; DiT tiny/2; FID-type metrics in "
+            "efficientnet-lite0 feature space.") in report
+    assert "not comparable" not in report
     for key in ("probe_fd", "probe_class_acc"):
         assert (tmp_path / "rep" / f"study_{key}.png").stat().st_size > 1000
 
@@ -71,3 +78,15 @@ def test_a_pipelines_time_starts_at_its_first_stage(tmp_path):
     log_pipeline(client, exp, "p-a0", 0, "a", 20.0, [(100, 4.0)])
     found = collect(client.search_runs([exp]), lambda run_id, key: [])
     assert found[("a", "0")]["start"] == 1000 < found[("a", "0")]["end"]
+
+
+def test_pipelines_of_two_profiles_are_named_and_flagged():
+    from aligntok.stages.study import provenance
+    found = {(v, "0"): {"protocol": {"profile": p, "data": "d", "models": "m", "fid_backbone": "b"}}
+             for v, p in (("a", "smoke"), ("d", "ci"))}
+    found[("b", "0")] = {}  # a run logged before protocols were: named, not dropped
+    lines = provenance(found)
+    assert lines[:3] == ["Profile **ci**: data d; m; FID-type metrics in b feature space.",
+                         "Profile **smoke**: data d; m; FID-type metrics in b feature space.",
+                         "Profile **unknown**: data unknown; unknown; FID-type metrics in unknown feature space."]
+    assert "not comparable" in lines[3]

@@ -26,6 +26,18 @@ REFERENCE_DIR = OUTPUTS / "reference"
 JUDGE_DIR = OUTPUTS / "judge"
 
 
+def provenance(params: Params) -> dict[str, str]:
+    """The profile, data set and models behind a stage's numbers, for its protocol block: reports read them from
+    there, not from the current params.yaml (which may have been switched since)."""
+    d = params.data
+    source = "synthetic shapes" if d.source == "synthetic" else f"{d.source} {d.root}"
+    return {"profile": params.profile,
+            "data": f"{d.name}: {source}, {d.resolution} px, {d.num_classes} classes, "
+                    f"{'all' if d.num_images is None else d.num_images} images",
+            "models": f"encoder {params.encoder.arch}, tokenizer {params.tokenizer.kind} {params.tokenizer.size}, "
+                      f"DiT {params.dit.model}"}
+
+
 def metrics_path(stage: str) -> Path:
     return OUTPUTS / "metrics" / f"{stage}.json"
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from aligntok.config import Params
+from aligntok.config import OWN_REFERENCE, Params
 from aligntok.stages.common import (CHECKPOINTS, DIT_DIR, JUDGE_DIR, OUTPUTS, REFERENCE_DIR, data_dir,
-                                    feature_extractor, tokenizer_dir, write_metrics)
+                                    feature_extractor, provenance, tokenizer_dir, write_metrics)
 from aligntok.train.dist import cleanup, init_distributed
 from aligntok.tracking import log_final_metrics_to_parent, stage_run
 
@@ -35,7 +35,7 @@ def reference(params: Params, path: str | None, extractor, coord) -> dict | None
     from aligntok.eval.reference import file_reference, train_reference, uses_stored_stats
 
     e = params.eval
-    if path:
+    if path and path != OWN_REFERENCE:
         uses_stored_stats(path, extractor)
         return file_reference(path, extractor, REFERENCE_DIR, e.batch_size) if coord.is_main else None
     workers = loader_workers(params.data.num_workers, params.launcher.nproc_per_node)
@@ -45,10 +45,11 @@ def reference(params: Params, path: str | None, extractor, coord) -> dict | None
 
 def protocol_of(params: Params, extractor, ref: dict | None) -> dict:
     e, s = params.eval, params.sample
-    protocol = {"fid_backbone": extractor.name, "feature_dim": extractor.dim, "reference": None,
-                "reference_stats": None, "num_samples": e.num_samples, "labels": e.labels, "sampler": s.method,
-                "steps": s.steps, "cfg_scale": e.cfg_scale, "cfg_channels": s.cfg_channels,
-                "cfg_interval_start": s.cfg_interval_start, "timestep_shift": s.timestep_shift, "sample_seed": s.seed,
+    protocol = {**provenance(params), "fid_backbone": extractor.name, "feature_dim": extractor.dim,
+                "reference": None, "reference_choice": None, "reference_stats": None, "num_samples": e.num_samples,
+                "labels": e.labels, "sampler": s.method, "steps": s.steps, "cfg_scale": e.cfg_scale,
+                "cfg_channels": s.cfg_channels, "cfg_interval_start": s.cfg_interval_start,
+                "timestep_shift": s.timestep_shift, "sample_seed": s.seed,
                 "precision_recall": "all samples vs the reference batch, k=3",
                 "lpips_backbone": "pretrained" if params.lpips.pretrained_backbone else "random",
                 "judge_backbone": ("judge CNN, 128-d, trained on held-out synthetic images; FD and P/R vs its "
@@ -56,6 +57,8 @@ def protocol_of(params: Params, extractor, ref: dict | None) -> dict:
                                    if params.judge.source == "synthetic" else None)}
     if ref is not None:
         protocol["reference"] = f"{ref['name']} ({ref['count']} images)"
+        # own statistics are a labelled choice: no published number is measured against them
+        protocol["reference_choice"] = OWN_REFERENCE if ref["stats"] == "train-split" else "file"
         protocol["reference_stats"] = REFERENCE_STATS[ref["stats"]]
         protocol["pr_reference_images"] = len(ref["features"])
     return protocol
@@ -151,7 +154,8 @@ def recon_metrics(params: Params, extractor, device) -> dict:
         device=device, lpips_fn=build_lpips(params.lpips.net, params.lpips.pretrained_backbone).to(device),
         extractor=extractor, reference=stage1)
     train = ShardDataset(data_dir(params), "train")
-    return {**out, **linear_probe(tokenizer, train, val, train.num_classes, device)}
+    return {**out, **linear_probe(tokenizer, train, val, train.num_classes, device,
+                                  per_class=params.eval.probe_per_class, seed=params.seed)}
 
 
 def evaluate(params: Params, args, dist) -> int:
@@ -186,8 +190,10 @@ def evaluate(params: Params, args, dist) -> int:
         d = params.data
         protocol["recon_source"] = (f"data.val_root {d.val_root}" if d.val_root else
                                     f"the val split: a {d.val_fraction:g} slice of {d.root or d.source}")
-        protocol["linear_probe"] = (f"logistic regression on flattened final latents, {recon.pop('probe_train_images')} "
-                                    f"train -> {recon.pop('probe_val_images')} val images")
+        protocol["linear_probe"] = (f"n/a: {recon.pop('probe_na')}" if "probe_na" in recon else
+                                    f"logistic regression on flattened final latents, class-stratified "
+                                    f"{recon.pop('probe_train_images')} train images "
+                                    f"({params.eval.probe_per_class} per class) -> {recon.pop('probe_val_images')} val")
         metrics = {k: float(v) for k, v in {**metrics, **recon}.items()}
         run.update({"ranks": dist.world_size, "device": dist.device.type, "wall_s": time.perf_counter() - t0})
         metrics.update(protocol=protocol, run=run)

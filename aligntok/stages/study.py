@@ -6,12 +6,15 @@ Variants, told apart by each run's logged params (so any run of the DAG can be p
   c  AlignTok without semantic pres. (tokenizer.stage2.semantic_weight = 0)
   d  from-scratch VAE baseline       (tokenizer.kind = vae)
 Per pipeline (one per variant and seed) it reads the `evaluate` child run (rPSNR, semantic cosine, linear probe,
-judge FD and class accuracy of samples) and the `train-dit` child run's probe history (the convergence curve).
+judge FD and class accuracy of samples, and its protocol.json: the profile, data set and models the numbers come
+from) and the `train-dit` child run's probe history (the convergence curve).
 The newest pipeline per (variant, seed) counts; a pipeline without both runs (interrupted) is left out.
 """
 from __future__ import annotations
 
+import json
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,9 +39,10 @@ def variant_of(p: dict[str, str]) -> str:
     return "a"
 
 
-def collect(runs, history) -> dict[tuple[str, str], dict]:
-    """{(variant, seed): {"metrics": {...}, "curves": {name: [(step, value)]}, "start": ms, "end": ms}}.
-    `history(run_id, key)` returns [(step, value)] (MLflow's metric history)."""
+def collect(runs, history, protocol=lambda run_id: {}) -> dict[tuple[str, str], dict]:
+    """{(variant, seed): {"metrics": {...}, "curves": {name: [(step, value)]}, "protocol": {...}, "start": ms,
+    "end": ms}}. `history(run_id, key)` returns [(step, value)] (MLflow's metric history), `protocol(run_id)` the
+    evaluate run's protocol.json ({} when it has none)."""
     by_pipeline: dict[str, dict] = defaultdict(dict)
     first: dict[str, int] = {}  # each pipeline's first run start (its parent run, or prepare)
     for r in runs:
@@ -54,7 +58,8 @@ def collect(runs, history) -> dict[tuple[str, str], dict]:
         ev, dit = stages["evaluate"], stages["train-dit"]
         key = (variant_of(ev.data.params), ev.data.params.get("seed", "?"))
         entry = {"metrics": dict(ev.data.metrics), "curves": {name: history(dit.info.run_id, name) for name, _ in CURVES},
-                 "start": first[pid], "end": ev.info.end_time or ev.info.start_time, "pipeline": pid,
+                 "protocol": protocol(ev.info.run_id), "start": first[pid],
+                 "end": ev.info.end_time or ev.info.start_time, "pipeline": pid,
                  "commit": ev.data.tags.get("mlflow.source.git.commit", "unknown")}
         if key not in out or out[key]["end"] < entry["end"]:
             out[key] = entry
@@ -113,6 +118,16 @@ def plot(curves: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def provenance(found: dict) -> list[str]:
+    """One line per profile the pipelines ran under, from their own protocol (not the current params.yaml)."""
+    seen = sorted({tuple(e.get("protocol", {}).get(k, "unknown") for k in ("profile", "data", "models", "fid_backbone"))
+                   for e in found.values()})
+    lines = [f"Profile **{p}**: data {d}; {m}; FID-type metrics in {b} feature space." for p, d, m, b in seen]
+    if len({p for p, *_ in seen}) > 1:
+        lines.append("**These pipelines ran under different profiles: their numbers are not comparable.**")
+    return lines
+
+
 def report(found: dict, out_dir: Path, command: str, commit: str | None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, curves = summarise(found)
@@ -123,7 +138,7 @@ def report(found: dict, out_dir: Path, command: str, commit: str | None) -> Path
              f"Made by `{command}`: {len(found)} pipelines at commit "
              f"{', '.join(f'`{c}`' for c in sorted({e['commit'] for e in found.values()}))} (read from their MLflow "
              f"runs), first stage start to last evaluate end: {wall:.1f} min. Report written on "
-             f"{time.strftime('%Y-%m-%d')} at commit `{commit or 'unknown'}`.", "",
+             f"{time.strftime('%Y-%m-%d')} at commit `{commit or 'unknown'}`.", "", *provenance(found), "",
              "Every number is a mean ± standard deviation over seeds, read from MLflow. Judge metrics use the "
              "independent judge classifier (aligntok/eval/judge.py), not the tokenizer's encoder.", "",
              *rows, "", "## Convergence (diffusability probe during DiT training, no CFG)", "",
@@ -144,7 +159,14 @@ def run(params: Params, args) -> int:
     def history(run_id: str, key: str):
         return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
-    found = collect(search_runs(params, args.experiment), history)
+    def protocol(run_id: str) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return json.loads(Path(client.download_artifacts(run_id, "protocol.json", tmp)).read_text())
+            except Exception:  # noqa: BLE001 - a run logged before protocols were (or whose upload failed)
+                return {}
+
+    found = collect(search_runs(params, args.experiment), history, protocol)
     if not found:
         print(f"study-report: no finished evaluate + train-dit pipelines in experiment "
               f"{args.experiment or params.tracking.experiment!r}")

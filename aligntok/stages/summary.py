@@ -1,7 +1,8 @@
 """`aligntok summary`: what the last DAG run produced, in one screen (the end of `make demo`).
 
-Every number is printed beside the protocol it was measured under (backbone, sample count, reference), read
-from outputs/protocol/evaluate.json, so a number is never shown without what makes it comparable.
+Every number is printed beside the protocol it was measured under (profile, data set, backbone, sample count,
+reference), read from outputs/protocol/evaluate.json, so a number is never shown without what makes it comparable.
+Nothing comes from the current params.yaml but where MLflow is: it may have been switched since the run.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from aligntok.stages.common import OUTPUTS, metrics_path, protocol_path
 
 
 def _labels(p: dict) -> dict[str, str]:
-    gen = (f"{p.get('fid_backbone')}-{p.get('feature_dim')}, {p.get('num_samples')} samples, {p.get('sampler')} "
-           f"{p.get('steps')} steps, vs {p.get('reference')}")
+    own = " (own statistics: not comparable with published numbers)" if p.get("reference_choice") == "own" else ""
+    gen = (f"{p.get('fid_backbone')}-{p.get('feature_dim')}, {p.get('num_samples')} samples, {p.get('labels')} labels, "
+           f"{p.get('sampler')} {p.get('steps')} steps, vs {p.get('reference')}{own}")
     recon = f"{p.get('recon_images')} val images ({p.get('recon_source')})"
     return {"gfid": f"FD in {gen}", "is": f"{p.get('fid_backbone')} classifier logits, {p.get('num_samples')} samples",
             "precision": f"k=3 in {p.get('fid_backbone')} space", "recall": f"k=3 in {p.get('fid_backbone')} space",
@@ -24,13 +26,16 @@ def _labels(p: dict) -> dict[str, str]:
             "semantic_cosine": f"final vs stage-1 latents, {recon}", "linear_probe_acc": f"{p.get('linear_probe')}"}
 
 
-def table(metrics: dict, protocol: dict, cfg_scale: float) -> list[str]:
+def table(metrics: dict, protocol: dict) -> list[str]:
     labels = _labels(protocol)
+    cfg = protocol.get("cfg_scale")
     rows = ["| metric | value | protocol |", "| --- | ---: | --- |"]
     for key, label in labels.items():
-        for suffix, note in (("", ""), ("_cfg", f", CFG {cfg_scale:g}")):
+        for suffix, note in (("", ""), ("_cfg", f", CFG {cfg:g}" if isinstance(cfg, (int, float)) else "")):
             if isinstance(metrics.get(f"{key}{suffix}"), (int, float)):
                 rows.append(f"| {key}{suffix} | {metrics[key + suffix]:.4g} | {label}{note} |")
+            elif not suffix and label.startswith("n/a"):
+                rows.append(f"| {key} | n/a | {label[4:].strip()} |")
     return rows
 
 
@@ -45,8 +50,9 @@ def run(params: Params, args) -> int:
     # the protocol's numbers (sample count, feature dim) sit in the metrics file, its strings in the protocol file
     protocol = {**metrics.get("protocol", {}), **json.loads(protocol_path("evaluate").read_text()).get("protocol", {})}
     judge = metrics_path("judge")
-    print(f"\n## aligntok: results of profile '{params.profile}'\n")
-    print("\n".join(table(metrics, protocol, params.eval.cfg_scale)))
+    print(f"\n## aligntok: results of profile '{protocol.get('profile', 'unknown: outputs older than this field')}'\n")
+    print(f"data: {protocol.get('data')}; models: {protocol.get('models')}\n")
+    print("\n".join(table(metrics, protocol)))
     if judge.is_file() and "heldout_accuracy" in (j := json.loads(judge.read_text())):
         print(f"\njudge: {j['heldout_accuracy']:.1%} on its held-out test images (chance {j['chance']:.1%})")
     grids = [OUTPUTS / "eval" / n for n in ("samples.png", "samples_cfg.png", "reconstructions.png")]
