@@ -174,10 +174,13 @@ def gpus_torch_cannot_use(tmp_path):
     return env
 
 
-@pytest.mark.parametrize("entry", [["train-dit"], ["cache-latents", "-S", "launcher.nproc_per_node=2"], ["gpu-check"]])
+@pytest.mark.parametrize("entry", [["train-dit"], ["cache-latents", "-S", "launcher.nproc_per_node=2"], ["gpu-check"],
+                                   ["bench", "ddp"]])
 def test_gpus_that_torch_cannot_use_stop_every_gpu_entry_point(tmp_path, gpus_torch_cannot_use, entry):
     if entry == ["gpu-check"]:
         cmd = [sys.executable, "-m", "aligntok.bench.gpu_check", "--out", str(tmp_path / "g.json")]
+    elif entry[0] == "bench":
+        cmd = [sys.executable, "-m", "aligntok.cli", *entry]
     else:
         cmd = [sys.executable, "-m", "aligntok.cli", *entry[:1], "--params", str(ROOT / "profiles/ci.yaml"), *entry[1:]]
     proc = subprocess.run(cmd, cwd=tmp_path, env=gpus_torch_cannot_use, capture_output=True, text=True, timeout=300)

@@ -31,6 +31,12 @@ def run_bench(target: str, out: str | None, quick: bool = False, reference_root:
     if reference_root is not None and target != "dit":
         print(f"aligntok bench {target}: --reference-root applies to `bench dit` only")
         return 2
+    from aligntok.launch import GpuUnavailable, check_cuda_visible
+    try:
+        check_cuda_visible()  # CPU figures from a GPU node whose torch build cannot use its GPUs would mislead
+    except GpuUnavailable as e:
+        print(f"aligntok bench {target}: {e}")
+        return 1
     module = importlib.import_module(f"aligntok.bench.{target}")
     kwargs = {"reference_root": reference_root} if reference_root is not None else {}
     result = module.run(quick=True, **kwargs) if quick else module.run(**kwargs)
