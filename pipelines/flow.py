@@ -183,6 +183,12 @@ def run_stage(stage: str, run_dir: str, env: dict, timeout_s: float) -> float:
     return time.perf_counter() - t0
 
 
+def stage_timeouts(params: PipelineParams, resolved, stages: list[str]) -> dict[str, float]:
+    """Each stage's wall-clock limit in seconds: the run form's stage_timeout_s for all, else the profile's
+    launcher.stage_timeout_h (all of them known before the first stage starts)."""
+    return {stage: params.stage_timeout_s or resolved.launcher.stage_timeout_h.seconds(stage) for stage in stages}
+
+
 def run_name() -> str:
     """A readable flow-run name from the run form's values, e.g. `ci-semantic_weight=0-dit_steps=200`."""
     raw = (flow_run.get_parameters() or {}).get("params") or {}
@@ -216,9 +222,7 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     parent = env.get("ALIGNTOK_PARENT_RUN_ID")
     seconds, status = {}, "KILLED"
     try:
-        timeouts = {stage: params.stage_timeout_s or resolved.launcher.stage_timeout_h.seconds(stage)
-                    for stage in dag_stages(run_dir / "dvc.yaml")}
-        for stage, timeout_s in timeouts.items():
+        for stage, timeout_s in stage_timeouts(params, resolved, dag_stages(run_dir / "dvc.yaml")).items():
             seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, timeout_s)
         status = "FINISHED"
     except Exception:

@@ -30,6 +30,16 @@ def test_every_stage_has_a_timeout_and_the_paper_profile_is_generous():
     assert paper.timeout_s >= 1800  # rank 0 alone writes and hashes an ~11 GB checkpoint
 
 
+def test_the_prefect_flow_takes_each_stages_timeout_from_the_profile():
+    from pipelines.flow import PipelineParams, stage_timeouts
+    resolved = load_params(ROOT / "profiles/imagenet256.yaml", check_paths=False)
+    stages = list(dvc_stages())
+    got = stage_timeouts(PipelineParams(profile="imagenet256"), resolved, stages)
+    assert got == {s: resolved.launcher.stage_timeout_h.seconds(s) for s in stages}
+    assert got["train-dit"] == 48 * 3600 and got["judge"] == 6 * 3600
+    assert set(stage_timeouts(PipelineParams(stage_timeout_s=600), resolved, stages).values()) == {600}
+
+
 # ---------------------------------------------------------------------------------------- 6: the GPU count
 def test_changing_the_gpu_count_keeps_every_finished_stage(recorded_repo):  # noqa: F811
     params = recorded_repo / "params.yaml"
