@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import warnings
 
 from aligntok.config import ConfigError, LauncherConfig
 
@@ -75,8 +76,12 @@ def check_cuda_visible() -> None:
     """Raise GpuUnavailable when nvidia-smi lists GPUs that torch cannot use, instead of running on the CPU."""
     import torch
     smi = shutil.which("nvidia-smi")
-    if smi is None or torch.cuda.is_available():
+    if smi is None:
         return
+    with warnings.catch_warnings():  # torch's own "driver too old" warning: the line below says it, once
+        warnings.simplefilter("ignore")
+        if torch.cuda.is_available():
+            return
     try:
         listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60).stdout
         driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
