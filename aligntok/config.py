@@ -77,7 +77,9 @@ class TrainConfig(Section):
     weight_decay: NonNegFloat = 0.0
     warmup_steps: NonNegInt = 0
     schedule: Literal["constant", "cosine"] = "constant"
-    grad_clip: NonNegFloat = 1.0  # 0 = off
+    # max total grad 2-norm per optimiser; 0 or null = off. grad_norm_<opt> (before clipping) is always logged,
+    # and when on, clip_frac_<opt>: the fraction of the log window's steps where it scaled the gradients
+    grad_clip: NonNegFloat | None = 1.0
     ema_decay: Fraction | None = None  # null = no EMA
     ema_warmup: bool = True  # decay ramps as min(decay, (1+n)/(10+n)) so short runs move it
     log_every: PosInt = 10
@@ -95,6 +97,10 @@ class TokenizerStageConfig(TrainConfig):
     disc_weight: NonNegFloat = 0.5
     disc_start: NonNegInt = 5001
     disc_lr: PosFloat = 1e-4
+    # the discriminator's Adam: VA-VAE's (0.5, 0.9) and no weight decay (AdamW's default 0.01 was applied before)
+    disc_beta1: Fraction = 0.5
+    disc_beta2: Fraction = 0.9
+    disc_weight_decay: NonNegFloat = 0.0
 
 
 class Stage2Config(TokenizerStageConfig):
@@ -134,6 +140,10 @@ class DitConfig(TrainConfig):
     class_dropout: Fraction = 0.1
     qk_norm: bool = False
     timestep_sampling: Literal["lognormal", "uniform"] = "lognormal"
+    # LightningDiT's switch for long runs (configs/config_details.yaml: "in large-scale experiments, we disable
+    # lognorm at the mid of training", i.e. use_lognorm: false on resume): from this step index on, t ~ U(0, 1)
+    # instead of log-normal; null = never (its 64-epoch recipe). Logged per window as t_lognormal (1 or 0).
+    lognormal_until: NonNegInt | None = None
     cosine_loss: bool = True
     compile: bool = False  # torch.compile the DiT blocks (slow first step; pays off on long GPU runs)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute

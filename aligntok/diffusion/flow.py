@@ -33,14 +33,24 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 class FlowMatching:
-    def __init__(self, timestep_sampling: str = "lognormal", use_cosine_loss: bool = True, cosine_weight: float = 1.0):
+    def __init__(self, timestep_sampling: str = "lognormal", use_cosine_loss: bool = True, cosine_weight: float = 1.0,
+                 lognormal_until: int | None = None):
         self.timestep_sampling, self.use_cosine_loss, self.cosine_weight = timestep_sampling, use_cosine_loss, cosine_weight
+        self.lognormal_until = lognormal_until
 
-    def loss(self, model, x1: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+    def sampling_at(self, step: int | None) -> str:
+        """The t distribution of training step `step` (0-based): uniform from step `lognormal_until` on, LightningDiT's
+        use_lognorm switched off mid-way through a long run; otherwise `timestep_sampling`."""
+        if self.lognormal_until is not None and step is not None and step >= self.lognormal_until:
+            return "uniform"
+        return self.timestep_sampling
+
+    def loss(self, model, x1: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
+             step: int | None = None):
         """(loss, logs). loss = mean((v - (x1 - x0))^2) + cosine_weight * mean(1 - cos(v, x1 - x0)), the cosine
         taken over the channel dim at each position, as LightningDiT's use_cosine_loss."""
         n = x1.shape[0]
-        t = sample_timesteps(n, kind=self.timestep_sampling, generator=generator, device=x1.device)
+        t = sample_timesteps(n, kind=self.sampling_at(step), generator=generator, device=x1.device)
         gen_device = generator.device if generator is not None else x1.device
         x0 = torch.randn(x1.shape, generator=generator, device=gen_device).to(x1)
         tb = t.to(x1.dtype).view(-1, *([1] * (x1.dim() - 1)))

@@ -27,7 +27,8 @@ class DitRecipe:
             # the probe's scorer, loaded now: a missing judge stops the stage before its first step, not at a probe
             from aligntok.eval.judge import load_judge
             self._judge = load_judge(JUDGE_DIR)
-        self.flow = FlowMatching(timestep_sampling=cfg.timestep_sampling, use_cosine_loss=cfg.cosine_loss)
+        self.flow = FlowMatching(timestep_sampling=cfg.timestep_sampling, use_cosine_loss=cfg.cosine_loss,
+                                 lognormal_until=cfg.lognormal_until)
         self._opt = adamw(model.parameters(), next(model.parameters()).device, lr=cfg.lr,
                           betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
@@ -45,7 +46,9 @@ class DitRecipe:
 
     def losses(self, batch, step):
         z, y = batch
-        loss, logs = self.flow.loss(self.net, normalize(z, self.stats), y)
+        loss, logs = self.flow.loss(self.net, normalize(z, self.stats), y, step=step)
+        if self.flow.lognormal_until is not None:  # the switch is on: the curve shows when t left log-normal
+            logs["t_lognormal"] = float(self.flow.sampling_at(step) == "lognormal")
         logs["loss"] = float(loss.detach())
         return {"dit": loss}, logs
 

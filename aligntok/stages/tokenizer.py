@@ -56,7 +56,9 @@ class TokenizerRecipe:
         betas, device = (cfg.beta1, cfg.beta2), next(model.parameters()).device
         self._opts = {"generator": adamw(groups, device, betas=betas, weight_decay=cfg.weight_decay)}
         if discriminator is not None and cfg.disc_weight > 0:
-            self._opts["discriminator"] = adamw(discriminator.parameters(), device, lr=cfg.disc_lr, betas=(0.5, 0.9))
+            self._opts["discriminator"] = adamw(discriminator.parameters(), device, lr=cfg.disc_lr,
+                                                betas=(cfg.disc_beta1, cfg.disc_beta2),
+                                                weight_decay=cfg.disc_weight_decay)
 
     def modules(self):
         mods = {"tokenizer": self.model}

@@ -23,7 +23,7 @@ from aligntok.config import TrainConfig
 from aligntok.data.order import epoch_permutation, variant_choice
 from aligntok.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aligntok.train.dist import DistInfo, all_reduce_mean
-from aligntok.train.schedule import EMA, lr_lambda, unwrap
+from aligntok.train.schedule import EMA, clip_gradients, lr_lambda, unwrap
 
 
 class TrainingDiverged(RuntimeError):
@@ -184,8 +184,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / cfg.grad_accum
         for name, opt in optimizers.items():
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if cfg.grad_clip and params:
-                logs_acc[f"grad_norm_{name}"] = float(nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            if params:  # the pre-clip norm, and with clipping on (grad_clip not 0/null) whether it fired
+                logs_acc.update({f"{k}_{name}": v for k, v in clip_gradients(params, cfg.grad_clip).items()})
             opt.step()
             schedulers[name].step()
         if ema:

@@ -1,5 +1,5 @@
 """What the loop applies to the weights besides the optimiser step: the learning-rate schedule (linear warm-up,
-then cosine or constant) and the EMA of the weights. Kept apart from the loop so that the mutation tests
+then cosine or constant), gradient clipping and the EMA of the weights. Kept apart from the loop so that the mutation tests
 (`make mutants`) cover these formulas without the loop's I/O around them."""
 from __future__ import annotations
 
@@ -22,6 +22,17 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return f
+
+
+def clip_gradients(params, max_norm: float | None) -> dict[str, float]:
+    """Clip the gradients of `params` to total 2-norm `max_norm` in place (torch's clip_grad_norm_: scaled by
+    max_norm / (norm + 1e-6) when that is below 1); 0 or None: left alone. Returns {'grad_norm': the norm before
+    clipping} and, when clipping is on, {'clip_frac': 1.0 if it scaled the gradients else 0.0}: averaged over a log
+    window, the fraction of steps where it fired."""
+    if not max_norm:
+        return {"grad_norm": float(nn.utils.get_total_norm([p.grad for p in params]))}
+    norm = float(nn.utils.clip_grad_norm_(params, max_norm))
+    return {"grad_norm": norm, "clip_frac": float(max_norm / (norm + 1e-6) < 1.0)}
 
 
 class EMA:
