@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 
-.PHONY: install demo test test-slow test-all test-fast test-random ablation study bench clean
+.PHONY: install demo test test-slow test-all test-fast test-random ablation sweep-sp study bench clean
 
 # Re-installs only when pyproject.toml changed (the stamp is named after its hash).
 $(STAMP): pyproject.toml
@@ -57,14 +57,31 @@ SEED ?=
 test-random: $(STAMP)
 	$(PY) -m pytest -q -p randomly $(if $(SEED),--randomly-seed=$(SEED)) -m "not slow" tests
 
-# Semantic-preservation sweep as DVC experiments: queued (one per value), run by JOBS workers, then compared
-# by DVC (committed metrics) and by MLflow. Fails if any experiment failed.
+# Runs the queued DVC experiments on JOBS workers until none is left; fails if any experiment failed.
 JOBS ?= 1
-ablation: $(STAMP)
-	dvc exp run --queue -S 'tokenizer.stage2.semantic_weight=0,0.5,1'
+define run-queue
 	dvc queue start -j $(JOBS)
 	while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
 	! dvc queue status | grep -q Failed
+endef
+
+# Semantic-preservation sweep as DVC experiments: queued (one per value), run by JOBS workers, then compared
+# by DVC (committed metrics) and by MLflow.
+ablation: $(STAMP)
+	dvc exp run --queue -S 'tokenizer.stage2.semantic_weight=0,0.5,1'
+	$(run-queue)
+	dvc exp show --md --only-changed
+	aligntok compare
+
+# Semantic-preservation strength: the grid SP_WEIGHTS x SP_ENCODER_LRS (tokenizer.stage2.semantic_weight x
+# tokenizer.stage2.encoder_lr), one queued DVC experiment per pair; read each with its stage-2 sp_grad_ratio curve
+# in MLflow (the encoder gradient of the weighted L_sp over that of the rest) beside the final metrics.
+SP_WEIGHTS     ?= 0.25,1,4
+SP_ENCODER_LRS ?= 3e-6,1e-5,3e-5
+sweep-sp: $(STAMP)
+	dvc exp run --queue -S 'tokenizer.stage2.semantic_weight=$(SP_WEIGHTS)' \
+	  -S 'tokenizer.stage2.encoder_lr=$(SP_ENCODER_LRS)'
+	$(run-queue)
 	dvc exp show --md --only-changed
 	aligntok compare
 
@@ -80,9 +97,7 @@ study: $(STAMP)
 	  dvc exp run --queue $(STUDY_SET) -S seed=$$seed -S tokenizer.stage2.semantic_weight=0 && \
 	  dvc exp run --queue $(STUDY_SET) -S seed=$$seed -S tokenizer.kind=vae || exit 1; \
 	done
-	dvc queue start -j $(JOBS)
-	while dvc queue status | grep -qE 'Queued|Running'; do sleep 10; done
-	! dvc queue status | grep -q Failed
+	$(run-queue)
 	aligntok study-report --experiment aligntok-study --command-line "make study STUDY_SEEDS='$(STUDY_SEEDS)'"
 
 bench: $(STAMP)

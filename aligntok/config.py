@@ -105,7 +105,10 @@ class TokenizerStageConfig(TrainConfig):
 
 class Stage2Config(TokenizerStageConfig):
     encoder_lr: PosFloat = 1e-5
-    semantic_weight: NonNegFloat = 1.0  # 0 = semantic preservation off
+    # 0 = off. L_sp is mean-reduced over all B*C*H*W latent elements, like L1 (over pixels) and LPIPS (over images)
+    # beside it; LDM-style code sums per image instead, so one weight means different strengths across codebases.
+    # Stage 2 logs sp_grad_ratio: ||grad_encoder(semantic_weight * L_sp)|| / ||grad_encoder(the rest)||.
+    semantic_weight: NonNegFloat = 1.0
     semantic_distance: Literal["mse", "cosine"] = "mse"
 
 

@@ -6,13 +6,21 @@
 | 3     | decoder                        | encoder, adapter  | -                                               |
 The from-scratch VAE baseline (tokenizer.kind: vae) has nothing pretrained to freeze, so its stage 1 trains
 its encoder too; stages 2 and 3 follow the same recipe.
+
+The GAN carries over: each stage exports its discriminator and that optimiser's state beside its model
+(outputs/tokenizer/stageN/discriminator/), and the next stage starts from them, so stage 2's adversarial
+gradients into the freshly unfrozen encoder come from a trained discriminator, not a random one at disc_start 0.
+A stage without a GAN (disc_weight 0, or a pass-through) hands the previous one on unchanged.
 """
 from __future__ import annotations
 
+import io
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from aligntok.config import Params, TokenizerStageConfig
 from aligntok.fingerprint import file_hash
@@ -36,6 +44,48 @@ def trainable_parts(kind: str, stage: int) -> set[str]:
     if stage == 1:
         return {"encoder", "adapter", "decoder"} if kind == "vae" else {"adapter", "decoder"}
     return {"encoder", "adapter", "decoder"} if stage == 2 else {"decoder"}
+
+
+DISC_WEIGHTS, DISC_OPTIMIZER = "discriminator.safetensors", "optimizer.pt"
+
+
+def discriminator_dir(stage: int) -> Path:
+    """Stage `stage`'s discriminator export, beside its model (inside the stage's DVC out)."""
+    return tokenizer_dir(stage).parent / "discriminator"
+
+
+def save_discriminator(disc: nn.Module, opt: torch.optim.Optimizer, directory: Path) -> None:
+    from aligntok.io import write_bytes_atomic, write_safetensors_atomic
+    write_safetensors_atomic(directory / DISC_WEIGHTS, {k: v.detach().cpu().contiguous()
+                                                        for k, v in disc.state_dict().items()})
+    buf = io.BytesIO()
+    torch.save(opt.state_dict()["state"], buf)  # moments and step count; the hyperparameters are the next stage's
+    write_bytes_atomic(directory / DISC_OPTIMIZER, buf.getvalue())
+
+
+def carry_discriminator(recipe: "TokenizerRecipe", directory: Path) -> bool:
+    """Load the previous stage's discriminator weights and its optimiser's moments and step count into this stage's
+    (its lr, betas and weight decay stay this stage's). False, and nothing loaded, when there is none to carry."""
+    opt = recipe.optimizers().get("discriminator")
+    if opt is None or not (directory / DISC_WEIGHTS).exists():
+        return False
+    from safetensors.torch import load_file
+    recipe.disc.load_state_dict(load_file(str(directory / DISC_WEIGHTS), device=str(next(recipe.disc.parameters()).device)))
+    state = opt.state_dict()
+    state["state"] = torch.load(directory / DISC_OPTIMIZER, map_location="cpu", weights_only=True)
+    opt.load_state_dict(state)
+    return True
+
+
+def encoder_grad_ratio(numerator: torch.Tensor, denominator: torch.Tensor, module: nn.Module) -> float:
+    """||d numerator / d theta|| / ||d denominator / d theta|| over the trainable parameters theta of `module` (2-norms
+    over all of them together); the graph is kept for the step's own backward."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def norm(loss):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads if g is not None]))
+    return float(norm(numerator) / norm(denominator))
 
 
 class TokenizerRecipe:
@@ -90,6 +140,8 @@ class TokenizerRecipe:
             with torch.no_grad():
                 z_ref = self.target.encode(x)
             sp = semantic_preservation_loss(mean, z_ref, kind=self.cfg.semantic_distance)
+            if (step + 1) % self.cfg.log_every == 0:  # on the steps whose window is logged: 2 extra backward passes
+                logs["sp_grad_ratio"] = encoder_grad_ratio(weight * sp, g_loss, self.model.encoder)
             g_loss = g_loss + weight * sp
             logs["semantic_preservation"] = float(sp.detach())
         for p in disc_params:
@@ -124,14 +176,44 @@ def input_hash(params: Params, stage: int) -> str:
     if stage == 1:
         from aligntok.data.shards import read_manifest
         return read_manifest(data_dir(params))["content_hash"]
-    return file_hash(tokenizer_dir(stage - 1) / "model.safetensors")
+    prev = discriminator_dir(stage - 1)  # the carried discriminator is an input too
+    return "-".join([file_hash(tokenizer_dir(stage - 1) / "model.safetensors"),
+                     *(file_hash(prev / f) for f in (DISC_WEIGHTS, DISC_OPTIMIZER) if (prev / f).exists())])
+
+
+def stage_recipe(params: Params, stage: int, model, target, lpips_fn, device) -> tuple[TokenizerRecipe, str]:
+    """The stage's recipe, its discriminator carried from the previous stage when there is one; and how the
+    discriminator started ('none', 'random', or 'carried from stage N'), for the protocol file."""
+    from aligntok.losses import ReconstructionLoss
+    from aligntok.models.discriminator import PatchDiscriminator
+
+    cfg: TokenizerStageConfig = getattr(params.tokenizer, f"stage{stage}")
+    disc = PatchDiscriminator().to(device) if cfg.disc_weight > 0 else None
+    loss_fn = ReconstructionLoss(lpips_fn, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
+                                 kl_weight=cfg.kl_weight if params.tokenizer.kl else 0.0,
+                                 disc_weight=cfg.disc_weight, disc_start=cfg.disc_start, discriminator=disc)
+    recipe = TokenizerRecipe(model, disc, loss_fn, cfg, stage, params.tokenizer.kind, target)
+    if disc is None:
+        return recipe, "none"
+    carried = stage > 1 and carry_discriminator(recipe, discriminator_dir(stage - 1))
+    return recipe, f"carried from stage {stage - 1}" if carried else "random"
+
+
+def export_discriminator(recipe: TokenizerRecipe, stage: int, trained: bool) -> None:
+    """Stage 1 and 2 hand their discriminator on: this stage's when it trained one, else the previous stage's."""
+    out = discriminator_dir(stage)
+    shutil.rmtree(out, ignore_errors=True)
+    if trained and "discriminator" in recipe.optimizers():
+        out.mkdir(parents=True)
+        save_discriminator(recipe.disc, recipe.optimizers()["discriminator"], out)
+    elif stage > 1 and discriminator_dir(stage - 1).is_dir():
+        shutil.copytree(discriminator_dir(stage - 1), out)
 
 
 def run(params: Params, args) -> int:
     from aligntok.data.dataset import ShardDataset, loader_workers
     from aligntok.eval.reconstruction import reconstruction_metrics
-    from aligntok.losses import ReconstructionLoss, build_lpips
-    from aligntok.models.discriminator import PatchDiscriminator
+    from aligntok.losses import build_lpips
     from aligntok.models.tokenizer import AlignTokenizer
 
     stage = int(args.stage[-1])
@@ -147,12 +229,8 @@ def run(params: Params, args) -> int:
     if stage == 2:
         target = AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device).eval().requires_grad_(False)
     lpips_fn = build_lpips(params.lpips.net, params.lpips.pretrained_backbone).to(dist.device)
-    disc = PatchDiscriminator().to(dist.device) if cfg.disc_weight > 0 else None
     t = params.tokenizer
-    loss_fn = ReconstructionLoss(lpips_fn, l1_weight=cfg.l1_weight, lpips_weight=cfg.lpips_weight,
-                                 kl_weight=cfg.kl_weight if t.kl else 0.0, disc_weight=cfg.disc_weight,
-                                 disc_start=cfg.disc_start, discriminator=disc)
-    recipe = TokenizerRecipe(model, disc, loss_fn, cfg, stage, t.kind, target)
+    recipe, disc_init = stage_recipe(params, stage, model, target, lpips_fn, dist.device)
     train_set = ShardDataset(data_dir(params), "train")
     config_hash = state_hash(params.result_hash(f"tokenizer.stage{stage}", "encoder", "lpips", "data"),
                              tokenizer_config(params), input_hash(params, stage), params.seed)
@@ -170,6 +248,8 @@ def run(params: Params, args) -> int:
         if dist.is_main:
             out = tokenizer_dir(stage)
             final.save_pretrained(out)
+            if stage < 3:
+                export_discriminator(recipe, stage, trained=cfg.steps > 0)
             reference = target if stage == 2 else (
                 AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device).eval() if stage == 3 else None)
             metrics = reconstruction_metrics(
@@ -179,6 +259,7 @@ def run(params: Params, args) -> int:
             metrics["fid_backbone"] = params.eval.fid_backbone
             metrics["feature_dim"] = params.eval.feature_dim or "default"
             metrics["steps"] = result["step"]
+            metrics["discriminator_init"] = disc_init
             write_metrics(name, metrics, tracker, step=result["step"])
             write_plots(name, result["history"])
             if stage == 3:  # the final tokenizer: an MLflow model, registered with alias latest-good
