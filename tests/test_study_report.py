@@ -90,3 +90,32 @@ def test_pipelines_of_two_profiles_are_named_and_flagged():
                          "Profile **smoke**: data d; m; FID-type metrics in b feature space.",
                          "Profile **unknown**: data unknown; unknown; FID-type metrics in unknown feature space."]
     assert "not comparable" in lines[3]
+
+
+def test_curves_keep_a_real_step_0_probe_and_drop_points_logged_without_a_step(tmp_path):
+    """MLflow stores a metric logged without a step at step 0. train-dit used to log its last probe that way after
+    training, which put the trained model's score at step 0; the baseline probe of the untrained model is logged at
+    step 0 before any later point. Only the second belongs on the curve."""
+    from aligntok.stages.study import collect, stepped, summarise
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("study")
+    curves = {}
+    for name, baseline in (("new", True), ("old", False)):  # with a baseline probe; an old run without one
+        run = client.create_run(exp).info.run_id
+        if baseline:
+            client.log_metric(run, "probe_fd", 9.0, timestamp=1000, step=0)
+        client.log_metric(run, "probe_fd", 4.0, timestamp=2000, step=100)
+        client.log_metric(run, "probe_fd", 2.0, timestamp=3000, step=200)
+        client.log_metric(run, "probe_fd", 2.0, timestamp=4000)  # a summary without a step, logged last
+        assert (0, 2.0) in [(m.step, m.value) for m in client.get_metric_history(run, "probe_fd")]  # MLflow's step 0
+        curves[name] = stepped(client.get_metric_history(run, "probe_fd"))
+    assert curves == {"new": [(0, 9.0), (100, 4.0), (200, 2.0)], "old": [(100, 4.0), (200, 2.0)]}
+    # and through the report's own reader: two seeds of one variant, one with a baseline
+    for seed, name in enumerate(curves):
+        log_pipeline(client, exp, f"p-{name}", seed, "a", 20.0, [])
+    runs = client.search_runs([exp])
+    dit_runs = {r.data.tags["pipeline_id"]: r.info.run_id for r in runs if r.data.tags.get("stage") == "train-dit"}
+    found = collect(runs, lambda run_id, key: curves["new" if run_id == dit_runs["p-new"] else "old"])
+    _, summary = summarise(found)
+    # step 0 has one seed (the baseline: 9.0, no spread), later steps two equal values; exact binary arithmetic
+    assert summary["a"]["probe_fd"] == [(0, 9.0, 0.0), (100, 4.0, 0.0), (200, 2.0, 0.0)]

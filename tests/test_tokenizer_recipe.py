@@ -255,3 +255,56 @@ def test_make_sweep_sp_queues_the_weight_by_encoder_lr_grid(recorded_repo):
     finally:
         sh(["dvc", "queue", "remove", "--all"], recorded_repo)
         sh(["git", "checkout", "--", "params.yaml"], recorded_repo)
+
+# --- item 11: the probe curve starts at a real step 0, and final summaries stay off it ----------------------------------
+
+class ProbedLinear(LinearRecipe):
+    def __init__(self):
+        super().__init__(lambda step: [1.0, 1.0], lr=0.5)
+        self.probed = []
+
+    def probe(self, step):
+        self.probed.append((step, self.net.w.detach().clone()))
+        return {"probe_fd": float(self.net.w[0].detach())}
+
+
+class Tracker:
+    run_id = None
+
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((dict(metrics), step))
+
+    def log_image(self, *a, **k):
+        pass
+
+
+@pytest.mark.numeric
+def test_the_untrained_model_is_probed_at_step_0_and_logged_there(tmp_path):
+    from aligntok.train.loop import train
+    from tests.test_train_known_values import CPU, DATA
+    recipe, tracker = ProbedLinear(), Tracker()
+    cfg = DitConfig(steps=4, batch_size=2, lr=0.5, probe_every=2, log_every=1, ckpt_every=100, grad_clip=0,
+                    ema_decay=None)
+    out = train(recipe, DATA, cfg, dist=CPU, ckpt_dir=tmp_path / "c", config_hash="h", seed=0, tracker=tracker)
+    assert [s for s, _ in recipe.probed] == [0, 2, 4]
+    # SGD, lr 0.5 on gradient 1: w[0] = 1 - 0.5 * step, exact in float64; step 0 is the initial weight, untouched
+    assert [float(w[0]) for _, w in recipe.probed] == [1.0, 0.0, -1.0]
+    probe_calls = [(m["probe_fd"], step) for m, step in tracker.calls if "probe_fd" in m]
+    assert probe_calls == [(1.0, 0), (0.0, 2), (-1.0, 4)]  # every probe point carries its step
+    assert out["history"][0] == {"step": 0, "probe_fd": 1.0}
+    recipe = ProbedLinear()  # probe off: no baseline either
+    train(recipe, DATA, cfg.model_copy(update={"probe_every": 0}), dist=CPU, ckpt_dir=tmp_path / "d",
+          config_hash="h", seed=0)
+    assert recipe.probed == []
+
+
+def test_train_dit_summarises_the_last_probe_under_keys_that_are_not_curves():
+    from aligntok.stages.dit import last_probe
+    from aligntok.stages.study import CURVES
+    hist = [{"step": 0, "probe_fd": 9.0, "probe_class_acc": 0.1}, {"step": 10, "loss": 1.0},
+            {"step": 20, "loss": 0.5, "probe_fd": 2.0, "probe_class_acc": 0.6}]
+    assert last_probe(hist) == {"last_probe_fd": 2.0, "last_probe_class_acc": 0.6, "last_probe_step": 20}
+    assert not set(last_probe(hist)) & {key for key, _ in CURVES} and last_probe([{"step": 1, "loss": 1.0}]) == {}

@@ -87,6 +87,17 @@ class DitRecipe:
         return {f"probe_{k.removesuffix('_judge')}": v for k, v in scores.items()}
 
 
+def last_probe(history: list[dict]) -> dict[str, float]:
+    """The last probe's scores as run summaries, with the step they were measured at: `last_probe_fd`, ...,
+    `last_probe_step`. Never the curve's own keys (probe_fd, ...): a metric logged without a step lands at step 0 in
+    MLflow, where it read as the untrained model's score."""
+    probes = [h for h in history if "probe_fd" in h]
+    if not probes:
+        return {}
+    return {**{f"last_{k}": v for k, v in probes[-1].items() if k.startswith("probe_")},
+            "last_probe_step": probes[-1]["step"]}
+
+
 def resolve_steps(cfg: DitConfig, num_images: int) -> tuple[int, float]:
     """(steps, epochs): `dit.epochs`, when set, decides the length; both are logged.
 
@@ -145,10 +156,7 @@ def run(params: Params, args) -> int:
                        "first_loss": losses[0] if losses else float("nan"),
                        "steps": result["step"], "epochs": epochs, "latents": len(data),
                        "images": data.num_source_images, "ema": bool(result["ema"])}
-            probes = [h for h in hist if "probe_fd" in h]
-            if probes:  # the last probe's scores, with the step they were measured at
-                metrics.update({k: v for k, v in probes[-1].items() if k.startswith("probe_")},
-                               probe_step=probes[-1]["step"])
+            metrics.update(last_probe(hist))
             write_metrics("train-dit", metrics, tracker)
             write_plots("train-dit", [{k: v for k, v in h.items() if not k.startswith("probe_")}
                                       for h in hist if "loss" in h])  # the probe curve is in MLflow

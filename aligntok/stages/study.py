@@ -39,6 +39,15 @@ def variant_of(p: dict[str, str]) -> str:
     return "a"
 
 
+def stepped(points) -> list[tuple[int, float]]:
+    """[(step, value)] of an MLflow metric history (objects with step, value, timestamp), without the points logged
+    with no step. MLflow stores those at step 0, where a curve would read them as the untrained model's score (until
+    issue 22, train-dit logged its last probe again that way, after training). A step-0 point is kept only when it
+    was logged before every point of a later step, as the baseline probe of the untrained model is."""
+    later = [m.timestamp for m in points if m.step > 0]
+    return sorted((m.step, m.value) for m in points if m.step > 0 or (later and m.timestamp < min(later)))
+
+
 def collect(runs, history, protocol=lambda run_id: {}) -> dict[tuple[str, str], dict]:
     """{(variant, seed): {"metrics": {...}, "curves": {name: [(step, value)]}, "protocol": {...}, "start": ms,
     "end": ms}}. `history(run_id, key)` returns [(step, value)] (MLflow's metric history), `protocol(run_id)` the
@@ -157,7 +166,7 @@ def run(params: Params, args) -> int:
     client = mlflow.MlflowClient(tracking_uri(params))
 
     def history(run_id: str, key: str):
-        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        return stepped(client.get_metric_history(run_id, key))
 
     def protocol(run_id: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:

@@ -155,6 +155,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
     window: dict[str, list[float]] = {}
     t0, seen = time.perf_counter(), 0
     step = start
+    if start == 0 and dist.is_main and getattr(cfg, "probe_every", 0):  # the untrained model: the curve's baseline
+        _probe(recipe, 0, history, tracker)
     for step, batch in enumerate(loader, start=start):
         batch = _to(batch, dist.device)
         # noise, timesteps and label drops come from (seed, rank, step) alone: ranks draw differently, and a
@@ -210,15 +212,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
             if grid is not None:
                 tracker.log_image(grid, key=f"{desc}_preview", step=done)
         probe_every = getattr(cfg, "probe_every", 0)
-        scores = (recipe.probe(done) if dist.is_main and probe_every and (done % probe_every == 0 or done == cfg.steps)
-                  else {})  # a measurement of the current weights; touches no training state
-        if scores:
-            if history and history[-1]["step"] == done:  # kept in the history: a resume keeps the curve
-                history[-1].update(scores)
-            else:
-                history.append({"step": done, **scores})
-            if tracker:
-                tracker.log_metrics(scores, step=done)
+        if dist.is_main and probe_every and (done % probe_every == 0 or done == cfg.steps):
+            _probe(recipe, done, history, tracker)
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
             if dist.is_main:
                 save_checkpoint(ckpt_dir, done, modules={k: unwrap(m) for k, m in modules.items()},
@@ -230,6 +225,20 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
             raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
     bar.close()
     return {"history": history, "ema": ema.shadow if ema else {}, "step": max(step + 1, start)}
+
+
+def _probe(recipe: Recipe, done: int, history: list[dict], tracker) -> None:
+    """A measurement of the weights after `done` steps (touches no training state), logged at that step and kept in
+    the history, so a resume keeps the curve."""
+    scores = recipe.probe(done)
+    if not scores:
+        return
+    if history and history[-1]["step"] == done:
+        history[-1].update(scores)
+    else:
+        history.append({"step": done, **scores})
+    if tracker:
+        tracker.log_metrics(scores, step=done)
 
 
 def _no_sync(wrapped: list[nn.Module], skip: bool) -> contextlib.ExitStack:
