@@ -136,3 +136,50 @@ def test_compare_shows_differing_params_and_skips_interrupted_pipelines(isolated
     assert header == ["run", "tokenizer.stage2.semantic_weight", "psnr", "gfid"]
     assert [r[1:] for r in rows] == [["0.0", "20", "12.5"], ["1.0", "20", "10"]]
     assert render(header, rows, "csv").splitlines()[0] == "run,tokenizer.stage2.semantic_weight,psnr,gfid"
+
+
+def _pipeline(params, work, monkeypatch, outs: dict[str, str], ran: list[str], **parent_args) -> str:
+    """One pipeline in `work`: dvc.lock with these outs hashes, a metrics file per stage, a child run for each
+    stage that ran (the others DVC restored), then the pipeline's end as the flow and `aligntok repro` end it."""
+    import json
+    import yaml as pyyaml
+    from aligntok.tracking import create_parent_run, finish_pipeline
+    lock = {"schema": "2.0", "stages": {s: {"cmd": f"aligntok {s}", "outs": [{"path": f"o/{s}", "hash": "md5",
+                                                                              "md5": h}]} for s, h in outs.items()}}
+    (work / "dvc.lock").write_text(pyyaml.safe_dump(lock))
+    (work / "outputs" / "metrics").mkdir(parents=True, exist_ok=True)
+    for stage, h in outs.items():
+        (work / "outputs" / "metrics" / f"{stage}.json").write_text(json.dumps({"score": len(h), "nested": {"x": 1}}))
+    parent = create_parent_run(params, workdir=work, **parent_args)
+    monkeypatch.setenv("ALIGNTOK_PARENT_RUN_ID", parent)
+    for stage in ran:
+        with stage_run(params, stage) as t:
+            t.log_metrics({"score": len(outs[stage])})
+    monkeypatch.delenv("ALIGNTOK_PARENT_RUN_ID")
+    finish_pipeline(params, parent, "FINISHED", work)
+    return parent
+
+
+def test_a_restored_stage_points_at_the_run_that_produced_it(tmp_path, isolated_mlflow, monkeypatch):
+    params = load_params(SMOKE)
+    first = _pipeline(params, tmp_path, monkeypatch, {"prepare": "aa", "evaluate": "e1"}, ["prepare", "evaluate"])
+    second = _pipeline(params, tmp_path, monkeypatch, {"prepare": "aa", "evaluate": "e222"}, ["evaluate"],
+                       name="ci-cfg_scale=2.0", tags={"prefect.flow_run_id": "f2"}, env={"DVC_EXP_NAME": "exp-2"})
+    client = mlflow.MlflowClient(isolated_mlflow)
+    a, b = client.get_run(first), client.get_run(second)
+    assert (b.info.run_name, b.data.tags["dvc_exp_name"], b.data.tags["prefect.flow_run_id"]) == \
+        ("ci-cfg_scale=2.0", "exp-2", "f2")
+    # the parent holds every stage's final numbers (the last stage's unprefixed), restored or not
+    assert a.data.metrics == {"score": 2.0, "prepare/score": 2.0} and b.data.metrics == {"score": 4.0,
+                                                                                         "prepare/score": 2.0}
+    assert all(r.info.status == "FINISHED" for r in (a, b))
+    exp = a.info.experiment_id
+    kids = {p: {r.data.tags["stage"]: r for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{p}'")}
+            for p in (first, second)}
+    assert set(kids[second]) == {"prepare", "evaluate"}
+    restored = kids[second]["prepare"]
+    assert restored.data.tags["restored"] == "true" and restored.data.metrics == {"score": 2.0}
+    assert restored.data.tags["restored_from_run_id"] == kids[first]["prepare"].info.run_id
+    assert restored.data.tags["restored_from_pipeline"] == first
+    assert "restored" not in kids[second]["evaluate"].data.tags
+    assert {a.path for a in client.list_artifacts(second, "config")} == {"config/dvc.lock"}

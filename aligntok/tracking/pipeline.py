@@ -14,27 +14,34 @@ from aligntok.tracking.uri import git_commit, param_strings, redact, source_comm
 PIPELINE_ROLE = "pipeline"
 
 
-def create_parent_run(params: Params, pid: str | None = None) -> str:
-    """Create the pipeline's parent run (ended at once; children attach by id) and return its id."""
+def create_parent_run(params: Params, pid: str | None = None, name: str | None = None,
+                      tags: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                      workdir: Path = Path(".")) -> str:
+    """Create the pipeline's parent run (ended at once; children attach by id) and return its id.
+
+    `name` (a Prefect flow run's name) wins over the DVC experiment's, read from `env` (the stages' environment,
+    default this process's); `workdir` holds the pipeline's params.yaml and dvc.lock, logged under config/."""
     import mlflow
     mlflow.set_tracking_uri(tracking_uri(params))
     mlflow.set_experiment(params.tracking.experiment)
-    pid = pid or os.environ.get("ALIGNTOK_PIPELINE_ID") or f"pipeline-{uuid.uuid4().hex[:12]}"
+    env = os.environ if env is None else env
+    pid = pid or env.get("ALIGNTOK_PIPELINE_ID") or f"pipeline-{uuid.uuid4().hex[:12]}"
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(params.tracking.experiment)
-    name = os.environ.get("DVC_EXP_NAME") or f"{params.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_name = env.get("DVC_EXP_NAME", "")
+    name = name or exp_name or f"{params.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     head = source_commit()
     run = client.create_run(exp.experiment_id, run_name=name,
                             tags={"role": PIPELINE_ROLE, "pipeline_id": pid, "profile": params.profile,
-                                  "git_commit": git_commit(), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-                                  **({"mlflow.source.git.commit": head} if head else {})})
+                                  "git_commit": git_commit(), "dvc_exp_name": exp_name,
+                                  **({"mlflow.source.git.commit": head} if head else {}), **(tags or {})})
     from mlflow.entities import Param
     items = [Param(k, v) for k, v in param_strings(params).items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start:start + 100])
-    for name in ("params.yaml", "dvc.lock"):
-        if Path(name).is_file():
-            client.log_text(run.info.run_id, redact(Path(name).read_text()), f"config/{name}")
+    for file in ("params.yaml", "dvc.lock"):
+        if (workdir / file).is_file():
+            client.log_text(run.info.run_id, redact((workdir / file).read_text()), f"config/{file}")
     return run.info.run_id  # stays RUNNING until the pipeline ends (end_parent_run)
 
 def run_url(params: Params, run_id: str) -> str:
