@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> str:
     asyncio.run(ensure_pool(args.pool))
     deployment_id = aligntok_pipeline.from_source(source=str(ROOT), entrypoint="pipelines/flow.py:aligntok_pipeline").deploy(
         name=args.name, work_pool_name=args.pool, parameters=run_form_defaults(args.profile),
-        tags=["aligntok", args.profile],
+        tags=["aligntok"],
         description="prepare -> tokenizer stages 1-3 -> cache-latents -> train-dit -> evaluate, on a work pool",
         concurrency_limit=1, print_next_steps=False)
     print(f"deployment aligntok-pipeline/{args.name} ({deployment_id}) on pool {args.pool}; "

@@ -15,10 +15,8 @@ there; every UI-triggered run then failed parameter validation before any stage 
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +26,9 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
+
+from pipelines.overrides import overrides_schema
+from pipelines.stage_process import NO_RETRY, StageFailed, run_streaming, transient
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,9 @@ class PipelineParams(BaseModel):
     dit_model: str | None = Field(None, description="dit.model, e.g. tiny, LightningDiT-B/1")
     dit_steps: int | None = Field(None, gt=0, description="dit.steps")
     cfg_scale: float | None = Field(None, ge=1, description="eval.cfg_scale (the with-CFG row)")
-    overrides: list[str] = Field(default_factory=list, description="free dotted.key=value overrides")
+    overrides: list[str] = Field(default_factory=list, json_schema_extra={"items": overrides_schema()},
+                                 description="free dotted.key=value overrides, e.g. dit.steps=3: a known key and a "
+                                 "value it accepts (type, choices, bounds such as > 0), else the run is refused")
     stage_timeout_s: int | None = Field(None, gt=0, description="wall-clock limit of every stage in seconds; "
                                         "empty: each stage's from the profile (launcher.stage_timeout_h)")
 
@@ -77,75 +80,14 @@ def run_form_defaults(profile: str) -> dict:
     return {"params": PipelineParams(profile=profile).model_dump(mode="json")}
 
 
-class StageFailed(RuntimeError):
-    """A stage's command failed; `code` is the aligntok exit code when DVC reported it (else dvc's own)."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-NO_RETRY = {2, 3}  # bad input or params, NaN/Inf stop: the same params would fail the same way again
-
-
-def transient(task, task_run, state) -> bool:
-    """Retry only what a rerun can fix (a killed or crashed process, a lost node), never bad input or divergence."""
-    try:
-        state.result()
-    except StageFailed as e:
-        return e.code not in NO_RETRY
-    except Exception:  # noqa: BLE001 - anything else (OSError, a crash): worth one more try
-        return True
-    return False
-
-
-def run_streaming(cmd: list[str], cwd: Path, env: dict, timeout_s: float, log) -> None:
-    """Run `cmd` in a new process group, forward its lines to `log`, kill the group on timeout or cancel."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
-    timed_out = threading.Event()
-
-    def on_timeout() -> None:
-        timed_out.set()
-        _kill_group(proc)
-    timer = threading.Timer(timeout_s, on_timeout)
-    timer.start()
-    tail: list[str] = []
-    try:
-        for line in proc.stdout:
-            log(line.rstrip())
-            tail = (tail + [line])[-50:]
-        code = proc.wait()
-    except BaseException:
-        _kill_group(proc)
-        raise
-    finally:
-        timer.cancel()
-    if code != 0:
-        # dvc exits 255 whatever the stage did; its last lines carry the stage's own exit code
-        found = re.findall(r"exited with (-?\d+)", "".join(tail))
-        stage_code = int(found[-1]) if found else code
-        why = (f" (killed: timeout after {timeout_s} s)" if timed_out.is_set()
-               else f" (killed by signal {-code})" if code < 0 else "")  # preempted, OOM-killed: not a timeout
-        raise StageFailed(f"{' '.join(cmd)} exited with {stage_code}{why}", stage_code)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def prepare_run_dir(run_name: str, params: PipelineParams) -> Path:
     """A detached worktree of HEAD with the chosen profile + overrides written into its params.yaml."""
     from aligntok.config import load_params
 
+    profile = ROOT / "profiles" / f"{params.profile}.yaml"
+    if not profile.exists():
+        raise ValueError(f"profile {params.profile!r} not found in {ROOT / 'profiles'}")
+    load_params(profile, params.as_overrides(), check_paths=False)  # a ConfigError before any worktree or stage
     run_dir = ROOT / "runs" / run_name
     if not run_dir.exists():
         subprocess.run(["git", "worktree", "add", "--detach", "--force", str(run_dir), "HEAD"], cwd=ROOT,
@@ -153,9 +95,6 @@ def prepare_run_dir(run_name: str, params: PipelineParams) -> Path:
     cache = ROOT / ".dvc" / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     subprocess.run([_dvc(), "cache", "dir", "--local", str(cache)], cwd=run_dir, check=True, capture_output=True)
-    profile = ROOT / "profiles" / f"{params.profile}.yaml"
-    if not profile.exists():
-        raise ValueError(f"profile {params.profile!r} not found in {ROOT / 'profiles'}")
     tree = yaml.safe_load(profile.read_text())
     for item in params.as_overrides():
         key, raw = item.split("=", 1)
@@ -165,7 +104,6 @@ def prepare_run_dir(run_name: str, params: PipelineParams) -> Path:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(raw)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
-    load_params(run_dir / "params.yaml", check_paths=False)  # fail before any stage runs
     return run_dir
 
 
@@ -176,11 +114,45 @@ def _dvc() -> str:
 
 @task(retries=1, retry_delay_seconds=10, retry_condition_fn=transient)
 def run_stage(stage: str, run_dir: str, env: dict, timeout_s: float) -> float:
-    """`dvc repro <stage>` in the run directory; returns the subprocess's wall time in seconds."""
+    """`dvc repro <stage>` in the run directory; returns the subprocess's wall time in seconds. A config error or
+    a NaN stop ends the task as Failed with the stage's one line (no traceback: it says all there is)."""
+    from prefect.states import Failed
     logger = get_run_logger()
     t0 = time.perf_counter()
-    run_streaming([_dvc(), "repro", stage], Path(run_dir), env, timeout_s, logger.info)
+    try:
+        run_streaming([_dvc(), "repro", stage], Path(run_dir), env, timeout_s, logger.info)
+    except StageFailed as e:
+        if e.code not in NO_RETRY:
+            raise
+        return Failed(message=str(e), data=e)
     return time.perf_counter() - t0
+
+
+def config_error(state) -> bool:
+    """Whether a stage's failed state is a config error: a retry of the same params fails alike, so its worktree
+    (nothing in it but the params) is not kept for one."""
+    error = state.result(raise_on_failure=False) if state is not None else None
+    return isinstance(error, StageFailed) and error.code == 2
+
+
+def tag_flow_run(profile: str) -> None:
+    """Tag this flow run with the profile it runs (not the deployment's default profile)."""
+    from prefect.client.orchestration import get_client
+    run_id = flow_run.get_id()
+    if run_id:
+        with get_client(sync_client=True) as client:
+            tags = [t for t in client.read_flow_run(run_id).tags if t not in Profile.__args__]
+            client.update_flow_run(run_id, tags=[*tags, profile])
+
+
+def prefect_tags() -> dict[str, str]:
+    """MLflow tags of the parent run that lead back to this Prefect flow run (the note renders as a link)."""
+    run_id, url = flow_run.get_id(), flow_run.ui_url
+    if not run_id:
+        return {}
+    tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_name": flow_run.get_name() or "",
+            "prefect.flow_run_url": url or "", "mlflow.note.content": f"Prefect flow run [{flow_run.get_name()}]({url})"}
+    return {k: v for k, v in tags.items() if v and not (k == "mlflow.note.content" and not url)}
 
 
 def stage_timeouts(params: PipelineParams, resolved, stages: list[str]) -> dict[str, float]:
@@ -190,12 +162,12 @@ def stage_timeouts(params: PipelineParams, resolved, stages: list[str]) -> dict[
 
 
 def run_name() -> str:
-    """A readable flow-run name from the run form's values, e.g. `ci-semantic_weight=0-dit_steps=200`."""
+    """A readable flow-run name from the run form's values, e.g. `ci-semantic_weight=0-dit_steps=200-dit.lr=1e-4`."""
     raw = (flow_run.get_parameters() or {}).get("params") or {}
     p = raw if isinstance(raw, PipelineParams) else PipelineParams.model_validate(raw)
     changed = [f"{k}={v}" for k, v in p.model_dump(exclude_defaults=True, exclude={"profile", "overrides",
                                                                                    "stage_timeout_s"}).items()]
-    return "-".join([p.profile, *changed, *([f"{len(p.overrides)}-overrides"] if p.overrides else [])])
+    return "-".join([p.profile, *changed, *p.overrides])
 
 
 def metrics_table(metrics: dict) -> str:
@@ -208,30 +180,42 @@ def metrics_table(metrics: dict) -> str:
 @flow(name="aligntok-pipeline", log_prints=True, flow_run_name=run_name, persist_result=True)
 def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.states import Failed
 
-    from aligntok.config import load_params
+    from aligntok.config import ConfigError, load_params
     from aligntok.stages.repro import pipeline_env
-    from aligntok.tracking import end_parent_run, redact, run_url, tracking_uri
+    from aligntok.tracking import finish_pipeline, redact, run_url, tracking_uri
 
+    tag_flow_run(params.profile)
     # the id keeps two runs with the same form values (same name) in separate worktrees
     name = f"prefect-{flow_run.get_name() or 'local'}-{(flow_run.get_id() or uuid.uuid4().hex)[:8]}"
-    run_dir = prepare_run_dir(name, params)
+    name = re.sub(r"[^\w.=+-]", "_", name)  # a folder name: an override's path (data.root=/x) has slashes
+    try:
+        run_dir = prepare_run_dir(name, params)
+    except ConfigError as e:  # one line, no traceback, no worktree: nothing ran
+        get_run_logger().error(f"config error: {e}")
+        return Failed(message=f"config error: {e}")
     resolved = load_params(run_dir / "params.yaml", check_paths=False)
     env = pipeline_env(resolved, {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-                                  "DVC_EXP_NAME": name, "TQDM_MININTERVAL": "30"})  # a progress line per 30 s
+                                  "DVC_EXP_NAME": name, "TQDM_MININTERVAL": "30"},  # a progress line per 30 s
+                       name=flow_run.get_name(), tags=prefect_tags(), workdir=run_dir)
     parent = env.get("ALIGNTOK_PARENT_RUN_ID")
-    seconds, status = {}, "KILLED"
+    seconds, status, failed = {}, "KILLED", None
     try:
         for stage, timeout_s in stage_timeouts(params, resolved, dag_stages(run_dir / "dvc.yaml")).items():
-            seconds[stage] = run_stage.with_options(name=stage)(stage, str(run_dir), env, timeout_s)
-        status = "FINISHED"
+            state = run_stage.with_options(name=stage)(stage, str(run_dir), env, timeout_s, return_state=True)
+            if not state.is_completed():
+                failed, failed_stage = state, stage
+                break
+            seconds[stage] = state.result()
+        status = "FAILED" if failed else "FINISHED"
     except Exception:
         status = "FAILED"
         raise
-    finally:  # the MLflow parent run takes the flow's real status
-        end_parent_run(resolved, parent, status)
+    finally:  # the MLflow parent run takes the flow's real status, with what the pipeline produced
+        finish_pipeline(resolved, parent, status, run_dir)
         metrics = _read_metrics(run_dir)
-        if status == "FINISHED":  # the worktree goes, its results stay
+        if status == "FINISHED" or config_error(failed):  # the worktree goes, its results stay
             archive_run_dir(run_dir)
         # a failed run keeps its worktree, checkpoints included: Retry (the UI's button) runs the same flow run in
         # the same directory, finished stages are skipped by DVC and the failed one resumes from its checkpoint
@@ -239,6 +223,8 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
                              description=f"evaluate.json of {run_dir.name}")
     if parent and tracking_uri(resolved).startswith("http"):
         create_link_artifact(key="mlflow-run", link=redact(run_url(resolved, parent)), link_text="MLflow parent run")
+    if failed:  # the failed stage's one line (a config error, a NaN stop, the exit code), not a traceback
+        return Failed(message=f"{failed_stage}: {failed.message}")
     return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds, "metrics": metrics,
             "mlflow_parent_run": parent}
 
