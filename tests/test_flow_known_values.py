@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from torch.testing import assert_close
 
 from aligntok.config import SampleConfig
@@ -282,3 +283,27 @@ def test_semantic_cosine_is_the_mean_over_images_across_batches():
     model = TableTokenizer(torch.stack([Z_CASES["mixed"][0], Z_CASES["negated"][0]]))
     no_ref = reconstruction_metrics(model, dataset, num_images=2, device=torch.device("cpu"))
     assert no_ref["semantic_cosine"] == pytest.approx(1.0, abs=1e-6)  # no reference: the model against itself
+
+
+class RecordT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.t = []
+
+    def forward(self, x, t, y):
+        self.t.append(t.clone())
+        return x * self.w
+
+
+def test_lognormal_until_switches_to_uniform_at_that_step():
+    flow = FlowMatching("lognormal", lognormal_until=2)
+    assert [flow.sampling_at(s) for s in (0, 1, 2, 3)] == ["lognormal", "lognormal", "uniform", "uniform"]
+    assert FlowMatching("lognormal").sampling_at(10 ** 9) == "lognormal"  # null: never switches
+    model, x = RecordT(), torch.zeros(4, 2, 2, 2)
+    for step in range(4):
+        flow.loss(model, x, torch.zeros(4, dtype=torch.long), generator=torch.Generator().manual_seed(step), step=step)
+    for step, t in enumerate(model.t):  # the t of each step, by hand from the same seeded generator
+        expected, _ = hand_draws("lognormal" if step < 2 else "uniform", step, x.shape)
+        # float32 sigmoid against float64: ~6e-8 in (0, 1); the other distribution's draw is another number entirely
+        assert_close(t.double(), expected, rtol=0, atol=1e-6)

@@ -9,14 +9,13 @@ import shutil
 import pytest
 import torch
 from torch import nn
-from torch.testing import assert_close
 
 from aligntok.config import ConfigError, DitConfig, TokenizerStageConfig, load_params
 from aligntok.models.tokenizer import AlignTokenizer
 from tests.conftest import ROOT
 from tests.test_tokenizer_stages import recipe_for, tok_config
 from tests.test_dvc_native import recorded_repo  # noqa: F401 - the fixture, for the sweep test
-from tests.test_train_known_values import LinearRecipe, run_linear
+from tests.test_train_known_values import LinearRecipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,33 +47,7 @@ def test_fingerprints_are_sha256_prefixes(tmp_path):
     assert tokenizer_hash(tmp_path) == file_hash(tmp_path / "model.safetensors")
 
 
-# --- item 5: gradient clipping, and the fraction of steps where it fired ---------------------------------------------
-
-@pytest.mark.numeric
-def test_clip_fraction_is_the_share_of_steps_clipped_in_each_log_window(tmp_path):
-    # norms by step: 5, 5 | 0.5, 5 | 0.5, 0.5 against clip 1, logged every 2 steps: fired 2/2, 1/2, 0/2
-    norm5, norm_half = [3.0, 4.0], [0.3, 0.4]
-    grads = {0: norm5, 1: norm5, 2: norm_half, 3: norm5, 4: norm_half, 5: norm_half}
-    recipe = LinearRecipe(lambda step: grads[step], lr=1.0)
-    out = run_linear(tmp_path, recipe, steps=6, grad_clip=1.0, log_every=2)
-    rows = out["history"]
-    # each value is a mean of two exact 0/1 flags (binary fractions, exact); a flag that tested norm < clip,
-    # or logged the post-clip norm (always <= 1: never "fired"), gives another sequence
-    assert [r["clip_frac_main"] for r in rows] == [1.0, 0.5, 0.0]
-    # window means of the pre-clip norms, float64: sqrt(25) and sqrt(0.25) are exact, the means ~1e-16
-    assert [r["grad_norm_main"] for r in rows] == pytest.approx([5.0, 2.75, 0.5], abs=1e-12)
-
-
-@pytest.mark.numeric
-@pytest.mark.parametrize("off", [0, None])
-def test_grad_clip_off_leaves_gradients_alone_and_still_logs_the_norm(tmp_path, off):
-    recipe = LinearRecipe(lambda step: [3.0, 4.0], lr=1.0)
-    out = run_linear(tmp_path, recipe, steps=2, grad_clip=off)
-    # lr 1 and SGD: the step is the gradient itself, (3, 4) exactly in float64; clipped at 1 it would be (0.6, 0.8)
-    assert_close(recipe.seen[0] - recipe.seen[1], torch.tensor([3.0, 4.0], dtype=torch.float64), rtol=0, atol=1e-12)
-    assert [r["grad_norm_main"] for r in out["history"]] == pytest.approx([5.0, 5.0], abs=1e-12)
-    assert not any("clip_frac_main" in r for r in out["history"])
-
+# --- item 5: gradient clipping (the loop's known values are in test_train_known_values.py) -----------------------
 
 def test_paper_profile_follows_the_reference_optimisers():
     """LightningDiT's 64-epoch config has no max_grad_norm; VA-VAE's tokenizer uses Adam (0.5, 0.9) for the
@@ -86,34 +59,7 @@ def test_paper_profile_follows_the_reference_optimisers():
         assert (stage.disc_beta1, stage.disc_beta2, stage.disc_weight_decay, stage.disc_lr) == (0.5, 0.9, 0, stage.lr)
 
 
-# --- item 6: LightningDiT's log-normal -> uniform switch ---------------------------------------------------------------
-
-class RecordT(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(()))
-        self.t = []
-
-    def forward(self, x, t, y):
-        self.t.append(t.clone())
-        return x * self.w
-
-
-@pytest.mark.numeric
-def test_lognormal_until_switches_to_uniform_at_that_step():
-    from aligntok.diffusion.flow import T_EPS, FlowMatching
-    flow = FlowMatching("lognormal", lognormal_until=2)
-    assert [flow.sampling_at(s) for s in (0, 1, 2, 3)] == ["lognormal", "lognormal", "uniform", "uniform"]
-    assert FlowMatching("lognormal").sampling_at(10 ** 9) == "lognormal"  # null: never switches
-    model, x = RecordT(), torch.zeros(4, 2, 2, 2)
-    for step in range(4):
-        flow.loss(model, x, torch.zeros(4, dtype=torch.long), generator=torch.Generator().manual_seed(step), step=step)
-    for step, t in enumerate(model.t):  # the first draw of the same seeded generator, by hand
-        g = torch.Generator().manual_seed(step)
-        expected = torch.sigmoid(torch.randn(4, generator=g)) if step < 2 else torch.rand(4, generator=g)
-        # the same float32 operations on the same draws: equal up to the clamp to [T_EPS, 1 - T_EPS]
-        assert_close(t, expected.clamp(T_EPS, 1 - T_EPS), rtol=0, atol=0)
-
+# --- item 6: LightningDiT's log-normal -> uniform switch (its t draws: test_flow_known_values.py) ------------------
 
 def test_dit_recipe_logs_which_t_distribution_each_step_used():
     from aligntok.models.dit import build_dit

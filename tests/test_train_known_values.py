@@ -148,6 +148,31 @@ def test_grad_clip_through_the_loop_logs_the_pre_clip_norm(tmp_path):
     assert norms == pytest.approx([5.0, 0.5], abs=1e-12)
 
 
+@pytest.mark.numeric
+def test_clip_fraction_is_the_share_of_steps_clipped_in_each_log_window(tmp_path):
+    # norms by step: 5, 5 | 0.5, 5 | 0.5, 0.5 against clip 1, logged every 2 steps: fired 2/2, 1/2, 0/2
+    norm5, norm_half = [3.0, 4.0], [0.3, 0.4]
+    grads = {0: norm5, 1: norm5, 2: norm_half, 3: norm5, 4: norm_half, 5: norm_half}
+    recipe = LinearRecipe(lambda step: grads[step], lr=1.0)
+    out = run_linear(tmp_path, recipe, steps=6, grad_clip=1.0, log_every=2)
+    rows = out["history"]
+    # each value is a mean of two exact 0/1 flags (binary fractions, exact); a flag that tested norm < clip,
+    # or logged the post-clip norm (always <= 1: never "fired"), gives another sequence
+    assert [r["clip_frac_main"] for r in rows] == [1.0, 0.5, 0.0]
+    # window means of the pre-clip norms, float64: sqrt(25) and sqrt(0.25) are exact, the means ~1e-16
+    assert [r["grad_norm_main"] for r in rows] == pytest.approx([5.0, 2.75, 0.5], abs=1e-12)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("off", [0, None])
+def test_grad_clip_off_leaves_gradients_alone_and_still_logs_the_norm(tmp_path, off):
+    recipe = LinearRecipe(lambda step: [3.0, 4.0], lr=1.0)
+    out = run_linear(tmp_path, recipe, steps=2, grad_clip=off)
+    # lr 1 and SGD: the step is the gradient itself, (3, 4) exactly in float64; clipped at 1 it would be (0.6, 0.8)
+    assert_close(recipe.seen[0] - recipe.seen[1], torch.tensor([3.0, 4.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert [r["grad_norm_main"] for r in out["history"]] == pytest.approx([5.0, 5.0], abs=1e-12)
+    assert not any("clip_frac_main" in r for r in out["history"])
+
 class SquaredDiff(nn.Module):
     """A deterministic LPIPS stand-in: per-image mean squared difference, shaped (N, 1, 1, 1) like LPIPS."""
 
