@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.test_pipeline import STAGES, sh
-from tests.test_prefect_deployment import TERMINAL, _api, _task_states, served  # noqa: F401 - `served` is a fixture
+from tests.prefect_harness import TERMINAL, _api, _task_states, served  # noqa: F401 - `served` is a fixture
 
 pytestmark = pytest.mark.slow
 
