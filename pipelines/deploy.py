@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> str:
         name=args.name, work_pool_name=args.pool, parameters=run_form_defaults(args.profile),
         tags=["aligntok"],
         description="prepare -> tokenizer stages 1-3 -> cache-latents -> train-dit -> evaluate, on a work pool",
-        concurrency_limit=1, print_next_steps=False)
+        concurrency_limit=args.concurrency, print_next_steps=False)
     print(f"deployment aligntok-pipeline/{args.name} ({deployment_id}) on pool {args.pool}; "
           f"start a worker: prefect worker start --pool {args.pool}")
     return str(deployment_id)

@@ -27,7 +27,8 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from pipelines.overrides import overrides_schema
+from pipelines.naming import made_up
+from pipelines.overrides import overrides_schema, profile_values
 from pipelines.stage_process import NO_RETRY, StageFailed, run_streaming, transient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,21 +42,28 @@ def dag_stages(dvc_yaml: Path = ROOT / "dvc.yaml") -> list[str]:
 Profile = Literal["smoke", "ci", "imagenet256"]  # profiles/<name>.yaml; a test keeps this list equal to the folder
 
 
-class PipelineParams(BaseModel):
-    """Shown as the run form in the Prefect UI (each field's description and type, choices as dropdowns)."""
+def _keeps(key: str) -> str:
+    return f"; empty: the profile's ({profile_values(key, Profile.__args__)})"
 
-    profile: Profile = Field("smoke", description="profiles/<name>.yaml to start from")
-    semantic_weight: float | None = Field(None, ge=0, description="tokenizer.stage2.semantic_weight (0 = off)")
-    encoder_arch: str | None = Field(None, description="encoder.arch, a timm model name")
+
+class PipelineParams(BaseModel):
+    """This run's settings: a profile, and any of its values to change. An empty field keeps the profile's value."""
+
+    profile: Profile = Field("smoke", description="the profile to start from: profiles/smoke.yaml (CPU, minutes), "
+                             "profiles/ci.yaml (the tests' tiny one) or profiles/imagenet256.yaml (the paper's)")
+    semantic_weight: float | None = Field(None, ge=0, description="tokenizer.stage2.semantic_weight, >= 0 (0 = off)"
+                                          + _keeps("tokenizer.stage2.semantic_weight"))
+    encoder_arch: str | None = Field(None, description="encoder.arch, a timm model name" + _keeps("encoder.arch"))
     tokenizer_kind: Literal["aligntok", "vae"] | None = Field(
-        None, description="tokenizer.kind: aligntok, or vae (the from-scratch baseline)")
-    dit_model: str | None = Field(None, description="dit.model, e.g. tiny, LightningDiT-B/1")
-    dit_steps: int | None = Field(None, gt=0, description="dit.steps")
-    cfg_scale: float | None = Field(None, ge=1, description="eval.cfg_scale (the with-CFG row)")
+        None, description="tokenizer.kind: aligntok, or vae (the from-scratch baseline)" + _keeps("tokenizer.kind"))
+    dit_model: str | None = Field(None, description="dit.model, e.g. tiny, LightningDiT-B/1" + _keeps("dit.model"))
+    dit_steps: int | None = Field(None, gt=0, description="dit.steps, a whole number > 0" + _keeps("dit.steps"))
+    cfg_scale: float | None = Field(None, ge=1, description="eval.cfg_scale, the guidance scale of the with-CFG "
+                                    "metrics, >= 1" + _keeps("eval.cfg_scale"))
     overrides: list[str] = Field(default_factory=list, json_schema_extra={"items": overrides_schema()},
-                                 description="free dotted.key=value overrides, e.g. dit.steps=3: a known key and a "
-                                 "value it accepts (type, choices, bounds such as > 0), else the run is refused")
-    stage_timeout_s: int | None = Field(None, gt=0, description="wall-clock limit of every stage in seconds; "
+                                 description="any other param as dotted.key=value, e.g. dit.lr=2e-4: a known key and "
+                                 "a value it accepts (type, choices, bounds such as > 0), else the run is refused")
+    stage_timeout_s: int | None = Field(None, gt=0, description="wall-clock limit of every stage in seconds, > 0; "
                                         "empty: each stage's from the profile (launcher.stage_timeout_h)")
 
     def as_overrides(self) -> list[str]:
@@ -73,6 +81,8 @@ def deployment_parser(prog: str, description: str):
     parser.add_argument("--name", default="aligntok", help="deployment name (default: aligntok)")
     parser.add_argument("--profile", default="smoke", choices=Profile.__args__,
                         help="default profile in the run form (default: smoke)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="runs at once (default: 1; each stage uses every core, so later runs wait for a slot)")
     return parser
 
 
@@ -147,12 +157,15 @@ def tag_flow_run(profile: str) -> None:
 
 def prefect_tags() -> dict[str, str]:
     """MLflow tags of the parent run that lead back to this Prefect flow run (the note renders as a link)."""
-    run_id, url = flow_run.get_id(), flow_run.ui_url
+    from prefect.utilities.urls import url_for
+    run_id = flow_run.get_id()
     if not run_id:
         return {}
-    tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_name": flow_run.get_name() or "",
-            "prefect.flow_run_url": url or "", "mlflow.note.content": f"Prefect flow run [{flow_run.get_name()}]({url})"}
-    return {k: v for k, v in tags.items() if v and not (k == "mlflow.note.content" and not url)}
+    url = url_for("flow-run", obj_id=run_id)  # the page the UI itself links (runs/flow-run/<id>)
+    name = flow_run.get_name() or ""
+    tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_name": name, "prefect.flow_run_url": url or "",
+            "mlflow.note.content": f"Prefect flow run [{name}]({url})" if url else ""}
+    return {k: v for k, v in tags.items() if v}
 
 
 def stage_timeouts(params: PipelineParams, resolved, stages: list[str]) -> dict[str, float]:
@@ -162,7 +175,10 @@ def stage_timeouts(params: PipelineParams, resolved, stages: list[str]) -> dict[
 
 
 def run_name() -> str:
-    """A readable flow-run name from the run form's values, e.g. `ci-semantic_weight=0-dit_steps=200-dit.lr=1e-4`."""
+    """A readable flow-run name from the run form's values, e.g. `ci-semantic_weight=0-dit_steps=200-dit.lr=1e-4`;
+    a name the user typed in the form is kept."""
+    if not made_up(flow_run.get_name()):
+        return flow_run.get_name()
     raw = (flow_run.get_parameters() or {}).get("params") or {}
     p = raw if isinstance(raw, PipelineParams) else PipelineParams.model_validate(raw)
     changed = [f"{k}={v}" for k, v in p.model_dump(exclude_defaults=True, exclude={"profile", "overrides",
@@ -184,7 +200,7 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
 
     from aligntok.config import ConfigError, load_params
     from aligntok.stages.repro import pipeline_env
-    from aligntok.tracking import finish_pipeline, redact, run_url, tracking_uri
+    from aligntok.tracking import finish_pipeline
 
     tag_flow_run(params.profile)
     # the id keeps two runs with the same form values (same name) in separate worktrees
@@ -213,7 +229,7 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         status = "FAILED"
         raise
     finally:  # the MLflow parent run takes the flow's real status, with what the pipeline produced
-        finish_pipeline(resolved, parent, status, run_dir)
+        finish_pipeline(resolved, parent, status, run_dir, stages=list(seconds))
         metrics = _read_metrics(run_dir)
         if status == "FINISHED" or config_error(failed):  # the worktree goes, its results stay
             archive_run_dir(run_dir)
@@ -221,8 +237,8 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
         # the same directory, finished stages are skipped by DVC and the failed one resumes from its checkpoint
     create_markdown_artifact(markdown=metrics_table(metrics) + mlflow_note(resolved, parent), key="final-metrics",
                              description=f"evaluate.json of {run_dir.name}")
-    if parent and tracking_uri(resolved).startswith("http"):
-        create_link_artifact(key="mlflow-run", link=redact(run_url(resolved, parent)), link_text="MLflow parent run")
+    if link := mlflow_link(resolved, parent):  # a local store's opens once `mlflow ui` runs (the note says so)
+        create_link_artifact(key="mlflow-run", link=link, link_text="MLflow parent run")
     if failed:  # the failed stage's one line (a config error, a NaN stop, the exit code), not a traceback
         return Failed(message=f"{failed_stage}: {failed.message}")
     return {"run_dir": str(run_dir), "stages": list(seconds), "stage_seconds": seconds, "metrics": metrics,
@@ -258,13 +274,22 @@ def archive_run_dir(run_dir: Path) -> None:
         keep.rename(run_dir)
 
 
+def mlflow_link(params, run_id: str | None) -> str | None:
+    """The parent run's page in the MLflow UI, or None when MLflow is away."""
+    from aligntok.tracking import redact, run_url
+    try:
+        return redact(run_url(params, run_id)) if run_id else None
+    except Exception:  # noqa: BLE001 - the run's results are in its outputs whatever MLflow does
+        return None
+
+
 def mlflow_note(params, run_id: str | None) -> str:
-    from aligntok.tracking import redact, tracking_uri
-    if not run_id:
+    from aligntok.tracking import tracking_uri, ui_command
+    link = mlflow_link(params, run_id)
+    if not link:
         return "\n\nMLflow was unreachable: metrics are in the run's outputs/metrics only."
-    uri = redact(tracking_uri(params))
-    how = uri if uri.startswith("http") else f"`mlflow ui --backend-store-uri {uri}`"
-    return f"\n\nMLflow parent run `{run_id}` ({how})."
+    local = "" if tracking_uri(params).startswith("http") else f" (start the UI first: `{ui_command(params)}`)"
+    return f"\n\nMLflow parent run: [{run_id}]({link}){local}."
 
 
 if __name__ == "__main__":

@@ -7,9 +7,14 @@ null when optional, and the bounds every numeric param uses (> 0, >= 0, >= 1, 0.
 across params are still made by `load_params` when the run starts, before any stage or worktree.
 """
 import re
+from pathlib import Path
 from typing import Any
 
-from aligntok.config import Params
+import yaml
+
+from aligntok.config import Params, get_dotted
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 NUMBER = r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"
 NULL = r"null|Null|NULL|~"
@@ -70,3 +75,17 @@ def overrides_schema() -> dict[str, Any]:
             "allOf": [{"if": {"pattern": f"^{re.escape(key)}="},
                        "then": {"pattern": f"^{re.escape(key)}=(?:{_value_pattern(node, defs)})$"}}
                       for key, node in leaves]}
+
+
+def profile_values(key: str, profiles: tuple[str, ...]) -> str:
+    """`smoke: 100, ci: 20`: what `key` is in each profile, which a run form field left empty keeps."""
+    defaults = Params().model_dump(mode="json")
+    values = []
+    for name in profiles:
+        tree = yaml.safe_load((PROFILES / f"{name}.yaml").read_text()) or {}
+        try:
+            value = get_dotted(tree, key)
+        except (KeyError, TypeError):  # not in the profile file: the params model's default
+            value = get_dotted(defaults, key)
+        values.append(f"{name}: {value}")
+    return ", ".join(values)

@@ -13,8 +13,9 @@ from pipelines.flow import aligntok_pipeline, deployment_parser, run_form_defaul
 
 def main(argv: list[str] | None = None) -> None:
     args = deployment_parser("python -m pipelines.serve", __doc__.splitlines()[0]).parse_args(argv)
-    # limit=1: stage processes use every core; runs queue instead of competing.
-    aligntok_pipeline.serve(name=args.name, limit=1, tags=["aligntok"],
+    # one run at a time by default: stage processes use every core; runs queue instead of competing. The
+    # deployment's own limit makes a queued run show that it waits for a slot (not "late") in the UI.
+    aligntok_pipeline.serve(name=args.name, limit=args.concurrency, global_limit=args.concurrency, tags=["aligntok"],
                             parameters=run_form_defaults(args.profile), description="prepare -> tokenizer stages 1-3 -> cache-latents -> train-dit -> evaluate")
 
 

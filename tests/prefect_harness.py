@@ -90,9 +90,10 @@ def served(tmp_path_factory):
             f.close()
 
 
-def _run_and_wait(served, parameters: dict, timeout_s: float = 1500) -> dict:
+def _run_and_wait(served, parameters: dict, timeout_s: float = 1500, **fields) -> dict:
+    """Create a flow run (with `fields` such as the name typed in the form) and wait until it ends."""
     dep = served["deployment"]
-    run = _api(served["api"], f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+    run = _api(served["api"], f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters, **fields})
     deadline = time.monotonic() + timeout_s
     while True:
         run = _api(served["api"], f"/flow_runs/{run['id']}")

@@ -40,7 +40,7 @@ def table(metrics: dict, protocol: dict) -> list[str]:
 
 
 def run(params: Params, args) -> int:
-    from aligntok.tracking.uri import redact, tracking_uri
+    from aligntok.tracking import redact, run_url, ui_command
 
     path = metrics_path("evaluate")
     if not path.is_file():
@@ -57,7 +57,9 @@ def run(params: Params, args) -> int:
         print(f"\njudge: {j['heldout_accuracy']:.1%} on its held-out test images (chance {j['chance']:.1%})")
     grids = [OUTPUTS / "eval" / n for n in ("samples.png", "samples_cfg.png", "reconstructions.png")]
     print("\nimages: " + ", ".join(str(g) for g in grids if g.is_file()))
-    uri = tracking_uri(params)
-    ui = f"mlflow ui --host 127.0.0.1 --backend-store-uri {redact(uri)}" if not uri.startswith("http") else redact(uri)
-    print(f"MLflow: {ui}  (experiment '{params.tracking.experiment}')")
+    try:
+        page = redact(run_url(params))
+    except Exception:  # noqa: BLE001 - no experiment yet, or the server is away: the command still helps
+        page = ""
+    print(f"MLflow: {ui_command(params)}  (experiment '{params.tracking.experiment}'{', ' + page if page else ''})")
     return 0

@@ -10,10 +10,10 @@ background sender (`tracking_journal`), so a server outage mid-run neither stall
 from aligntok.tracking.finish import finish_pipeline
 from aligntok.tracking.journal import MetricJournal, sync_journals
 from aligntok.tracking.pipeline import (PIPELINE_ROLE, create_parent_run, end_parent_run, log_final_metrics_to_parent,
-                                        run_url, search_runs)
+                                        run_url, search_runs, ui_command)
 from aligntok.tracking.run import Tracker, pipeline_id, stage_run
 from aligntok.tracking.uri import git_commit, project_root, redact, source_commit, tracking_uri
 
 __all__ = ["MetricJournal", "PIPELINE_ROLE", "Tracker", "create_parent_run", "end_parent_run", "finish_pipeline",
-           "git_commit", "log_final_metrics_to_parent", "pipeline_id", "project_root", "redact", "run_url", "search_runs",
-           "source_commit", "stage_run", "sync_journals", "tracking_uri"]
+           "git_commit", "log_final_metrics_to_parent", "pipeline_id", "project_root", "redact", "run_url",
+           "search_runs", "source_commit", "stage_run", "sync_journals", "tracking_uri", "ui_command"]

@@ -39,26 +39,28 @@ def stage_numbers(workdir: Path, stage: str) -> dict[str, float]:
     return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def finish_pipeline(params: Params, parent: str | None, status: str, workdir: Path = Path(".")) -> None:
+def finish_pipeline(params: Params, parent: str | None, status: str, workdir: Path = Path("."),
+                    stages: list[str] | None = None) -> None:
     """Record what the pipeline in `workdir` produced on its parent run, then give the run its final status.
-    Never raises: a tracking outage leaves the local outputs as the record."""
+    `stages`: the ones this pipeline reproduced (default: every stage of dvc.lock; a committed dvc.lock may list
+    stages a failed pipeline never reached). Never raises: a tracking outage leaves the local outputs as the record."""
     if not parent:
         return
     try:
         import mlflow
         client = mlflow.MlflowClient(tracking_uri(params))
-        _record(client, params, parent, status, workdir)
+        _record(client, parent, status, workdir, stages)
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"MLflow: could not record the pipeline's outputs on run {parent} ({type(e).__name__}: {e})",
                       RuntimeWarning)
     end_parent_run(params, parent, status)
 
 
-def _record(client, params: Params, parent: str, status: str, workdir: Path) -> None:
+def _record(client, parent: str, status: str, workdir: Path, stages: list[str] | None) -> None:
     from mlflow.entities import Metric
     run = client.get_run(parent)
     exp = run.info.experiment_id
-    hashes = outs_hashes(workdir)
+    hashes = {s: h for s, h in outs_hashes(workdir).items() if stages is None or s in stages}
     ran = {}
     for child in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'"):
         if child.info.status == "FINISHED" and child.data.tags.get("stage") in hashes:
@@ -87,7 +89,7 @@ def _restored_child(client, exp: str, parent, stage: str, outs_hash: str, number
     if origin is None:
         note = "Restored by DVC from its cache; the run that produced these outputs is not in this tracking store."
     else:
-        url = f"#/experiments/{exp}/runs/{origin.info.run_id}"
+        url = f"#/experiments/{exp}/runs/{origin.info.run_id}?workflowType=machine_learning"
         note = f"Restored by DVC from its cache: outputs of run [{origin.info.run_id}]({url})."
     child = client.create_run(exp, run_name=stage, tags={
         **keep, "mlflow.parentRunId": parent.info.run_id, "stage": stage, "restored": "true",

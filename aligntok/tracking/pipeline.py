@@ -44,12 +44,28 @@ def create_parent_run(params: Params, pid: str | None = None, name: str | None =
             client.log_text(run.info.run_id, redact((workdir / file).read_text()), f"config/{file}")
     return run.info.run_id  # stays RUNNING until the pipeline ends (end_parent_run)
 
-def run_url(params: Params, run_id: str) -> str:
-    """The run's page in the MLflow UI of an HTTP tracking server."""
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves a local store
+
+
+def ui_command(params: Params) -> str:
+    """How to open the MLflow UI on this tracking store (a URL already on a server)."""
+    uri = redact(tracking_uri(params))
+    return uri if uri.startswith("http") else f"mlflow ui --host 127.0.0.1 --backend-store-uri {uri}"
+
+
+def run_url(params: Params, run_id: str | None = None) -> str:
+    """A run's page (else the experiment's) in the MLflow UI, in its training-runs view: MLflow 3 opens an
+    experiment in its GenAI view unless the link says workflowType=machine_learning. A local store's link points
+    at `mlflow ui --host 127.0.0.1` (ui_command)."""
     import mlflow
-    mlflow.set_tracking_uri(tracking_uri(params))
-    run = mlflow.MlflowClient().get_run(run_id)
-    return f"{tracking_uri(params).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    exp = (client.get_run(run_id).info.experiment_id if run_id else
+           client.get_experiment_by_name(params.tracking.experiment).experiment_id)
+    base = uri.rstrip("/") if uri.startswith("http") else LOCAL_UI
+    page = f"experiments/{exp}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?workflowType=machine_learning"
 
 def end_parent_run(params: Params, run_id: str | None, status: str) -> None:
     """Give the pipeline's parent run its real final status (FINISHED, FAILED or KILLED); never raises."""
