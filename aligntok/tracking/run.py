@@ -7,6 +7,7 @@ DVC runs every stage in its own process, so the parent is found through a pipeli
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import uuid
@@ -84,6 +85,8 @@ class Tracker:
                 run = mlflow.start_run(run_id=resume_run_id)
             else:
                 parent = self._parent_run_id()
+                # the monitor's start/stop/no-GPU lines say nothing a stage's log reader needs
+                logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
                 run = mlflow.start_run(run_name=self.stage, parent_run_id=parent, log_system_metrics=True)
                 mlflow.log_params(param_strings(self.params))
                 self._log_sources()
