@@ -97,7 +97,9 @@ def first_repro(tmp_path_factory, env):
     parent = re.search(r"\(MLflow parent run ([0-9a-f]{32})\)", out)
     assert parent, out[-3000:]
     shutil.copytree(repo / "outputs" / "latents", base / "first-latents")
-    return {"repo": repo, "out": out, "parent_run_id": parent.group(1), "latents": base / "first-latents"}
+    evaluate = json.loads((repo / "outputs/metrics/evaluate.json").read_text())
+    return {"repo": repo, "out": out, "parent_run_id": parent.group(1), "latents": base / "first-latents",
+            "evaluate": evaluate}
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +108,19 @@ def repo(first_repro):
 
 
 def runs(env, experiment="aligntok", filter_string=""):
+    """The experiment's runs in the test's tracking DB, through a client of its own: mlflow.set_tracking_uri would
+    point this whole process (and os.environ's MLFLOW_TRACKING_URI) at the DB for every later test."""
     import mlflow
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    return mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, output_format="list")
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    found, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=filter_string, page_token=token)
+        found += page
+        if not (token := page.token):
+            return found
 
 
 def digest(path: Path) -> str | None:
@@ -117,18 +129,71 @@ def digest(path: Path) -> str | None:
 
 @pytest.mark.slow
 def test_repro_produces_every_out_and_metric(repo):
+    """Every out exists, and each stage consumed the one before it with the ci profile's settings: a stage that
+    read a stale or wrong input (another tokenizer stage, another cache, too few samples) fails here even when all
+    files are present and all numbers finite."""
+    import numpy as np
+    from aligntok.config import load_params
+    from aligntok.eval.npz import load_npz_samples
+    from aligntok.fingerprint import tokenizer_hash
+
+    ci = load_params(ROOT / "profiles" / "ci.yaml", check_paths=False)  # what the fixture switched the copy to
     for path in ["data/synthetic/manifest.json", "outputs/tokenizer/stage3/model/model.safetensors",
                  "outputs/latents/manifest.json", "outputs/dit/model/config.json", "outputs/eval/samples.png"]:
         assert (repo / path).exists(), path
-    for stage in STAGES:
-        assert (repo / "outputs" / "metrics" / f"{stage}.json").exists(), stage
-    ev = json.loads((repo / "outputs/metrics/evaluate.json").read_text())
+    metrics = {stage: json.loads((repo / "outputs" / "metrics" / f"{stage}.json").read_text()) for stage in STAGES}
+    ev = metrics["evaluate"]
     for key in ["gfid", "is", "precision", "recall", "gfid_cfg", "rfid", "psnr", "ssim", "lpips", "semantic_cosine",
                 "linear_probe_acc", "fd_judge", "class_acc_judge", "fd_judge_cfg", "class_acc_judge_cfg"]:
         assert isinstance(ev[key], float) and math.isfinite(ev[key]), (key, ev[key])
+    for key in ["precision", "recall", "precision_cfg", "recall_cfg", "class_acc_judge", "class_acc_judge_cfg",
+                "linear_probe_acc"]:
+        assert 0 <= ev[key] <= 1, (key, ev[key])
+    assert min(ev["gfid"], ev["gfid_cfg"], ev["rfid"], ev["fd_judge"], ev["lpips"]) >= 0 and ev["is"] >= 1, ev
+    assert -1 <= ev["ssim"] <= 1 and -1 <= ev["semantic_cosine"] <= 1 and ev["psnr"] > 0, ev
     protocol = json.loads((repo / "outputs/protocol/evaluate.json").read_text())["protocol"]
     assert protocol["fid_backbone"] == "efficientnet-lite0" and protocol["lpips_backbone"] == "random"
     assert protocol["recon_source"] == "the val split: a 0.1 slice of synthetic"
+
+    # prepare: the profile's images, split into train and val; its content hash is what the latents were made from
+    data = json.loads((repo / "data/synthetic/manifest.json").read_text())
+    train_images = data["num_images"]["train"]
+    assert train_images + data["num_images"]["val"] == ci.data.num_images
+    assert (metrics["prepare"]["train_images"], metrics["prepare"]["val_images"]) == (
+        data["num_images"]["train"], data["num_images"]["val"])
+    # every training stage ran the steps the profile asks for (not fewer, not a stale checkpoint's)
+    assert [metrics[f"tokenizer-stage{i}"]["steps"] for i in (1, 2, 3)] == [
+        ci.tokenizer.stage1.steps, ci.tokenizer.stage2.steps, ci.tokenizer.stage3.steps]
+    assert metrics["train-dit"]["steps"] == ci.dit.steps
+    # the latent cache was encoded by the final (stage 3) tokenizer, from this data, at the profile's shape
+    latents = json.loads((repo / "outputs/latents/manifest.json").read_text())
+    final_tokenizer = tokenizer_hash(repo / "outputs/tokenizer/stage3/model")
+    assert latents["tokenizer_hash"] == final_tokenizer != tokenizer_hash(repo / "outputs/tokenizer/stage2/model")
+    assert latents["data_content_hash"] == data["content_hash"]
+    side = ci.data.resolution // ci.tokenizer.latent_stride
+    assert latents["latent_shape"] == [ci.tokenizer.latent_channels, side, side]
+    assert latents["count"] == metrics["cache-latents"]["images"] == train_images
+    # the DiT was trained on that cache (its normalisation stats, its shape) and knows which tokenizer decodes it
+    dit = json.loads((repo / "outputs/dit/model/config.json").read_text())
+    assert dit["tokenizer_hash"] == final_tokenizer and dit["latent_stats"] == latents["latent_stats"]
+    assert (dit["in_channels"], dit["input_size"], dit["num_classes"]) == (
+        ci.tokenizer.latent_channels, side, ci.data.num_classes)
+    assert metrics["train-dit"]["images"] == train_images
+    assert metrics["train-dit"]["latents"] == train_images * (2 if ci.latents.hflip else 1)
+    # evaluate: the profile's sample count, balanced over the classes, at the data's resolution
+    for suffix in ("", "_cfg"):
+        images, labels = load_npz_samples(repo / f"outputs/eval/samples{suffix}.npz")
+        res = ci.data.resolution
+        assert images.shape == (ci.eval.num_samples, res, res, 3) and images.dtype == np.uint8, images.shape
+        per_class = ci.eval.num_samples // ci.data.num_classes
+        assert np.bincount(labels, minlength=ci.data.num_classes).tolist() == [per_class] * ci.data.num_classes
+    assert ev["protocol"]["num_samples"] == ci.eval.num_samples
+    assert protocol["reference"] == f"synthetic-train ({train_images} images)"
+    # its reconstruction numbers are the final tokenizer's: the same function on the same val images as stage 3
+    # computed them (stage 2's differ: it is another model)
+    assert ev["protocol"]["recon_images"] == metrics["tokenizer-stage3"]["num_images"] == ci.tokenizer.eval_images
+    for key in ("psnr", "ssim", "lpips", "rfid", "semantic_cosine"):
+        assert ev[key] == pytest.approx(metrics["tokenizer-stage3"][key], rel=1e-5), key
 
 
 @pytest.mark.slow
@@ -153,7 +218,9 @@ def test_summary_and_study_report_of_the_run(first_repro, env, tmp_path):
 
 
 @pytest.mark.slow
-def test_mlflow_has_one_parent_with_seven_children(first_repro, env):
+def test_mlflow_has_one_parent_with_a_child_per_stage(first_repro, env):
+    """One parent run per pipeline and one child per DAG stage (eight: STAGES), the parent holding the pipeline's
+    final evaluate numbers."""
     # this pipeline's runs, found by its ids: other tests in this module add pipelines of their own
     parent_id = first_repro["parent_run_id"]
     parents = [r for r in runs(env) if r.info.run_id == parent_id]
@@ -163,8 +230,11 @@ def test_mlflow_has_one_parent_with_seven_children(first_repro, env):
     # every run of this pipeline id is the one parent or one of its stage children: no stage made its own parent
     children = [r for r in mine if r.info.run_id != parent_id]
     assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in children)
+    assert len(children) == len(STAGES) == 8
     assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
-    assert "gfid" in parent.data.metrics and "rfid" in parent.data.metrics
+    assert {r.info.status for r in children} == {"FINISHED"}
+    for key in ("gfid", "rfid", "psnr"):  # this pipeline's evaluate.json, not only some number under that name
+        assert parent.data.metrics[key] == pytest.approx(first_repro["evaluate"][key], rel=1e-6), key
     assert parent.info.status == "FINISHED"  # RUNNING while the stages ran, then the pipeline's real status
     head = sh(["git", "rev-parse", "HEAD"], first_repro["repo"]).stdout.strip()
     assert {r.data.tags.get("mlflow.source.git.commit") for r in mine} == {head}
