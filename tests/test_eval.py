@@ -1,4 +1,6 @@
 """Evaluation metrics against known answers, the feature extractors, and the ADM npz format."""
+import re
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -120,6 +122,62 @@ def test_inception_score_known_values():
         inception_score(same, splits=101)
 
 
+def _two_mirrored_is() -> float:
+    """IS of the logits [[0, 1], [1, 0]] by hand: p(y|x) = (a, 1-a) and (1-a, a) with a = 1/(1+e), p(y) = (1/2, 1/2),
+    and both rows have KL = a log(2a) + (1-a) log(2(1-a)) to p(y); IS = exp(KL)."""
+    a = 1.0 / (1.0 + np.e)
+    return float(np.exp(a * np.log(2 * a) + (1 - a) * np.log(2 * (1 - a))))
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, np.int64])
+@pytest.mark.parametrize("offsets", [(0, 0), (1000, -1000)])
+def test_inception_score_of_soft_predictions_matches_the_closed_form(dtype, offsets):
+    # integer logits (and row offsets of +-1000) are exact in every dtype here, and softmax ignores a row's offset:
+    # computed in float64 after subtracting each row's max, the result is the closed form up to a few ulps of
+    # exp/log (1e-12 relative is ~1e4 ulps). A float16/float32 computation is off by ~1e-4/1e-7; an offset that
+    # is not each row's own max overflows exp (+1000) or underflows a whole row to 0 (-1000) and gives NaN.
+    logits = (np.array([[0, 1], [1, 0]]) + np.array(offsets)[:, None]).astype(dtype)
+    mean, std = inception_score(logits, splits=1)
+    assert mean == pytest.approx(_two_mirrored_is(), rel=1e-12) and std == 0.0
+
+
+@pytest.mark.numeric
+def test_inception_score_ignores_a_class_no_sample_predicts():
+    # exp(-1e4) underflows to exactly 0: the third class has p(y|x) = p(y) = 0 everywhere and contributes
+    # 0 * log(0/0) := 0, so the score is the two-class closed form (same 1e-12 margin as above)
+    logits = np.array([[0.0, 1.0, -1e4], [1.0, 0.0, -1e4]])
+    assert inception_score(logits, splits=1)[0] == pytest.approx(_two_mirrored_is(), rel=1e-12)
+
+
+@pytest.mark.numeric
+def test_inception_score_default_is_ten_splits():
+    # 20 one-hot rows in pairs (2i, 2i+1) predicting two different classes: each of ten splits of two rows has
+    # p(y) = (1/2, 1/2) on its two classes and KL = log 2 per row, so every split scores exactly 2 (up to the
+    # rounding of exp(log 2), ~1e-16). Eleven splits would leave two single-row splits scoring 1: mean 20/11.
+    logits = np.full((20, 20), -1e4)
+    logits[np.arange(20), (np.arange(20) + 5 * (np.arange(20) % 2)) % 20] = 0.0
+    mean, std = inception_score(logits)
+    assert mean == pytest.approx(2.0, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.numeric
+def test_inception_score_of_single_sample_splits_is_one():
+    # a split of one sample has p(y) == p(y|x): KL is 0 up to the exp/log round trip (~1e-16 per term)
+    logits = rng(1).normal(size=(4, 6)) * 3
+    assert inception_score(logits[:1], splits=1) == pytest.approx((1.0, 0.0), abs=1e-12)
+    assert inception_score(logits, splits=4) == pytest.approx((1.0, 0.0), abs=1e-12)
+
+
+@pytest.mark.parametrize("logits,splits", [
+    (np.zeros(10), 1), (np.zeros((2, 3, 4)), 1), (np.zeros((0, 10)), 1),
+    (np.array([[0.0, np.nan]] * 3), 1), (np.array([[0.0, np.inf]] * 3), 1), (np.array([[0.0, -np.inf]] * 3), 1),
+    (np.zeros((3, 10)), 0), (np.zeros((3, 10)), 4)])
+def test_inception_score_refuses_bad_logits_and_splits(logits, splits):
+    with pytest.raises(MetricError):
+        inception_score(logits, splits=splits)
+
+
 def test_stats_round_trip_and_adm_reference_batch(tmp_path):
     mu, s = feature_stats(rng().normal(size=(50, 3)))
     meta = {"backbone": "efficientnet-lite0", "data_hash": "abc", "count": 50}
@@ -128,6 +186,10 @@ def test_stats_round_trip_and_adm_reference_batch(tmp_path):
     assert np.array_equal(mu, mu2) and np.array_equal(s, s2) and meta2 == meta  # float64 stored as is: exact
     with pytest.raises(MetricError, match="data_hash"):
         save_stats(tmp_path / "x.npz", mu, s, {"backbone": "inception"})
+    bad = tmp_path / "broken.npz"
+    with pytest.raises(MetricError, match=f"^{re.escape(str(bad))}: statistics contain NaN"):  # the error names the file
+        save_stats(bad, np.array([np.nan, 0.0, 0.0]), s, meta)
+    assert not bad.exists()
     np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=s)
     _, _, adm_meta = load_stats(tmp_path / "adm.npz")
     assert adm_meta["backbone"] == "inception"
