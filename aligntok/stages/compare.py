@@ -23,7 +23,7 @@ def compare_table(runs) -> tuple[list[str], list[list[str]]]:
     header = ["run", *differing, *metrics]
     rows = []
     for r in sorted(parents, key=lambda r: r.info.start_time):
-        name = r.data.tags.get("dvc_exp_name") or r.info.run_name or r.info.run_id[:8]
+        name = r.info.run_name or r.data.tags.get("dvc_exp_name") or r.info.run_id[:8]  # a Prefect run's, a DVC exp's
         rows.append([name, *[r.data.params.get(k, "") for k in differing],
                      *[f"{r.data.metrics[m]:.4g}" if m in r.data.metrics else "" for m in metrics]])
     return header, rows
