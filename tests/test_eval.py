@@ -187,7 +187,7 @@ def test_stats_round_trip_and_adm_reference_batch(tmp_path):
     with pytest.raises(MetricError, match="data_hash"):
         save_stats(tmp_path / "x.npz", mu, s, {"backbone": "inception"})
     bad = tmp_path / "broken.npz"
-    with pytest.raises(MetricError, match=f"^{re.escape(str(bad))}: statistics contain NaN"):  # the error names the file
+    with pytest.raises(MetricError, match=f"^{re.escape(str(bad))}: statistics contain NaN"):  # names the file
         save_stats(bad, np.array([np.nan, 0.0, 0.0]), s, meta)
     assert not bad.exists()
     np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=s)

@@ -4,10 +4,11 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from aligntok.config import DitConfig, TrainConfig
+from aligntok.data import latents as latents_module
 from aligntok.data.latents import LatentCacheError, LatentDataset, compute_stats
 from aligntok.io import write_json_atomic
 from aligntok.stages.dit import resolve_steps
@@ -97,6 +98,82 @@ def test_without_flips_every_item_is_a_source_image(tmp_path):
     ds = LatentDataset(tmp_path)
     assert ds.num_variants == 1 and len(ds) == ds.num_source_images == len(y)
     assert torch.equal(ds.latents, z) and torch.equal(ds.labels, y)
+
+
+def rewrite_shard(folder, k, **tensors):
+    """Replace (or, with None, drop) tensors of shard k, as a buggy or interrupted writer might leave it."""
+    path = folder / f"latents-r000-{k:05d}.safetensors"
+    t = {**load_file(str(path)), **tensors}
+    save_file({name: v for name, v in t.items() if v is not None}, str(path), metadata={"tokenizer_hash": "t1"})
+    return path
+
+
+def test_dataset_carries_the_manifest_stats_and_class_count(tmp_path):
+    make_cache(tmp_path)
+    ds = LatentDataset(tmp_path, "t1")
+    assert ds.stats == compute_stats(sorted(tmp_path.glob("*.safetensors"))) and ds.num_classes == 3
+
+
+@pytest.mark.parametrize("case", ["latent_shape", "flip_shape", "rows", "label_rows", "flip_rows", "flip_missing"])
+def test_a_shard_that_disagrees_with_the_manifest_is_refused(tmp_path, case):
+    make_cache(tmp_path)
+    z = torch.zeros(7, *SHAPE)  # shard 1 holds 7 rows of SHAPE
+    changes = {"latent_shape": {"latents": torch.zeros(7, 4, 2, 3)},
+               "flip_shape": {"latents_flip": torch.zeros(7, 2, 2, 2)},
+               "rows": {"latents": z[:6]}, "label_rows": {"labels": torch.zeros(8, dtype=torch.int64)},
+               "flip_rows": {"latents_flip": z[:6]}, "flip_missing": {"latents_flip": None}}[case]
+    path = rewrite_shard(tmp_path, 1, **changes)
+    with pytest.raises(LatentCacheError, match="re-run `aligntok cache-latents`") as err:
+        LatentDataset(tmp_path, "t1")
+    assert str(err.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_indices_past_the_end_are_an_index_error(tmp_path, flip):
+    make_cache(tmp_path, flip=flip)
+    ds = LatentDataset(tmp_path, "t1")
+    for i in (len(ds), len(ds) + 1, -1):  # IndexError also ends `for item in ds` at len(ds)
+        with pytest.raises(IndexError):
+            ds[i]
+    assert len(list(ds)) == len(ds)
+
+
+def test_items_are_float32_whatever_dtype_the_shard_stores(tmp_path):
+    z, _, y = make_cache(tmp_path, flip=False)
+    half = z[5:12].half()  # safetensors F16 is a format the reader maps; float16 -> float32 is exact
+    rewrite_shard(tmp_path, 1, latents=half)
+    ds = LatentDataset(tmp_path, "t1")
+    x, label = ds[5]
+    assert x.dtype == torch.float32 and torch.equal(x, half[0].float()) and label == int(y[5])
+    assert torch.equal(x, ds.latents[5])  # the same values as the eager attribute
+
+
+def test_shards_are_opened_once_per_process(tmp_path, monkeypatch):
+    make_cache(tmp_path)
+    ds = LatentDataset(tmp_path, "t1")
+    opened = []
+    real = latents_module.memmap_safetensors
+    monkeypatch.setattr(latents_module, "memmap_safetensors", lambda p: opened.append(p) or real(p))
+    for i in range(len(ds)):
+        ds[i]
+    assert opened == []  # items read the maps opened in __init__: no header parsing or mmap per item
+    ds._pid = -1  # as in a forked DataLoader worker: that process maps the shards itself, once
+    ds[0], ds[1]
+    assert len(opened) == len(ROWS)
+
+
+def test_a_pickled_dataset_carries_no_latents(tmp_path):
+    rows, shape = 256, (4, 16, 16)  # 1 MiB of float32 latents
+    save_file({"latents": torch.ones(rows, *shape), "labels": torch.zeros(rows, dtype=torch.int64)},
+              str(tmp_path / "s.safetensors"))
+    write_json_atomic(tmp_path / "manifest.json", {
+        "tokenizer_hash": "t1", "num_classes": 1, "latent_shape": list(shape),
+        "shards": [{"file": "s.safetensors", "rows": rows}],
+        "latent_stats": {"mean": [1.0] * 4, "std": [1.0] * 4, "count": rows * 256}})
+    ds = LatentDataset(tmp_path, "t1")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000  # paths and offsets only: a DataLoader worker maps the file itself
+    assert torch.equal(pickle.loads(blob)[rows - 1][0], torch.ones(shape))
 
 
 class Recorder:
