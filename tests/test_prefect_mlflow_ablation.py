@@ -3,11 +3,12 @@ then compared in MLflow. The second run changes only eval.cfg_scale, so DVC rest
 from its cache; both parent runs must still carry the final metrics, name the Prefect run and lead to the runs
 that produced each restored stage."""
 import math
+import time
 import urllib.error
 
 import pytest
 
-from tests.prefect_harness import _api, _run_and_wait, served  # noqa: F401
+from tests.prefect_harness import TERMINAL, _api, _run_and_wait, _task_states, served  # noqa: F401
 from tests.test_pipeline import STAGES
 
 pytestmark = pytest.mark.slow
@@ -50,6 +51,10 @@ def test_a_stage_config_error_is_one_line_and_the_run_keeps_its_profile(served):
     assert parent.data.tags["profile"] == "smoke" and parent.info.status == "FAILED"
     left = [p.name for p in (served["repo"] / "runs").iterdir() if (p / ".git").exists()]
     assert not left, f"worktrees left in runs/: {left}"
+    typed = _run_and_wait(served, {"params": {"profile": "smoke", "overrides": ["data.source=imagefolder",
+                                                                              "data.root=/no/such/folder"]}},
+                          name="my-ablation")
+    assert typed["name"] == "my-ablation" and typed["state"]["type"] == "FAILED"  # a name typed in the form stays
 
 
 def test_a_cached_ablation_compares_side_by_side_in_mlflow(served):
@@ -62,7 +67,7 @@ def test_a_cached_ablation_compares_side_by_side_in_mlflow(served):
     for run in (first, second):
         parent = parents[run["id"]]
         assert parent.info.run_name == run["name"] and parent.data.tags["prefect.flow_run_name"] == run["name"]
-        assert parent.data.tags["prefect.flow_run_url"].endswith(f"/flow-runs/flow-run/{run['id']}")
+        assert parent.data.tags["prefect.flow_run_url"] == f"{served['api'][:-4]}/runs/flow-run/{run['id']}"
         assert parent.data.tags["dvc_exp_name"] and parent.data.tags["profile"] == "ci"
         assert parent.info.status == "FINISHED"
         metrics = parent.data.metrics
@@ -83,3 +88,27 @@ def test_a_cached_ablation_compares_side_by_side_in_mlflow(served):
         assert tags["restored"] == "true" and tags["restored_from_run_id"] == ran[stage].info.run_id, (stage, tags)
         assert tags["restored_from_pipeline"] == a.info.run_id
         assert reused[stage].data.metrics and set(reused[stage].data.metrics) <= set(ran[stage].data.metrics)
+
+
+def test_cancel_ends_the_run_cancelled_without_a_crash(served):
+    """The UI's Cancel (state CANCELLING) during a stage after the first: the run ends Cancelled, with no crash in
+    its log, and its MLflow parent KILLED."""
+    dep = served["deployment"]
+    run = _api(served["api"], f"/deployments/{dep['id']}/create_flow_run",
+               {"parameters": {"params": {"profile": "ci", "dit_steps": 100000}}})
+    deadline = time.monotonic() + 900
+    while not {s for s, state in _task_states(served, run["id"]).items() if state == "RUNNING"} - {"prepare"}:
+        assert time.monotonic() < deadline, served["log"].read_text()[-3000:]
+        time.sleep(2)
+    _api(served["api"], f"/flow_runs/{run['id']}/set_state", {"state": {"type": "CANCELLING"}})
+    while (run := _api(served["api"], f"/flow_runs/{run['id']}"))["state"]["type"] not in TERMINAL:
+        assert time.monotonic() < deadline, served["log"].read_text()[-3000:]
+        time.sleep(2)
+    logs = _api(served["api"], "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200,
+                                                "sort": "TIMESTAMP_DESC"})
+    text = "\n".join(entry["message"] for entry in logs)
+    assert run["state"]["type"] == "CANCELLED", (run["state"], text[-3000:])
+    assert "Crash detected" not in text and "Finished in state Running" not in text, text[-3000:]
+    client, exp = _mlflow(served)
+    parent, = client.search_runs([exp], f"tags.`prefect.flow_run_id` = '{run['id']}'")
+    assert parent.info.status == "KILLED"
