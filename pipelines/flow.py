@@ -15,6 +15,7 @@ there; every UI-triggered run then failed parameter validation before any stage 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from pipelines.naming import made_up
+from pipelines.naming import made_up, prefect_tags, tag_flow_run
 from pipelines.overrides import overrides_schema, profile_values
 from pipelines.stage_process import NO_RETRY, StageFailed, run_streaming, transient
 
@@ -126,7 +127,8 @@ def _dvc() -> str:
 def run_stage(stage: str, run_dir: str, env: dict, timeout_s: float) -> float:
     """`dvc repro <stage>` in the run directory; returns the subprocess's wall time in seconds. A config error or
     a NaN stop ends the task as Failed with the stage's one line (no traceback: it says all there is)."""
-    from prefect.states import Failed
+    from prefect.exceptions import TerminationSignal
+    from prefect.states import Cancelled, Failed
     logger = get_run_logger()
     t0 = time.perf_counter()
     try:
@@ -135,6 +137,8 @@ def run_stage(stage: str, run_dir: str, env: dict, timeout_s: float) -> float:
         if e.code not in NO_RETRY:
             raise
         return Failed(message=str(e), data=e)
+    except TerminationSignal:  # the UI's Cancel (or a preemption) stopped the stage's processes: not a crash
+        return Cancelled(message=f"{stage} stopped")
     return time.perf_counter() - t0
 
 
@@ -143,29 +147,6 @@ def config_error(state) -> bool:
     (nothing in it but the params) is not kept for one."""
     error = state.result(raise_on_failure=False) if state is not None else None
     return isinstance(error, StageFailed) and error.code == 2
-
-
-def tag_flow_run(profile: str) -> None:
-    """Tag this flow run with the profile it runs (not the deployment's default profile)."""
-    from prefect.client.orchestration import get_client
-    run_id = flow_run.get_id()
-    if run_id:
-        with get_client(sync_client=True) as client:
-            tags = [t for t in client.read_flow_run(run_id).tags if t not in Profile.__args__]
-            client.update_flow_run(run_id, tags=[*tags, profile])
-
-
-def prefect_tags() -> dict[str, str]:
-    """MLflow tags of the parent run that lead back to this Prefect flow run (the note renders as a link)."""
-    from prefect.utilities.urls import url_for
-    run_id = flow_run.get_id()
-    if not run_id:
-        return {}
-    url = url_for("flow-run", obj_id=run_id)  # the page the UI itself links (runs/flow-run/<id>)
-    name = flow_run.get_name() or ""
-    tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_name": name, "prefect.flow_run_url": url or "",
-            "mlflow.note.content": f"Prefect flow run [{name}]({url})" if url else ""}
-    return {k: v for k, v in tags.items() if v}
 
 
 def stage_timeouts(params: PipelineParams, resolved, stages: list[str]) -> dict[str, float]:
@@ -196,13 +177,14 @@ def metrics_table(metrics: dict) -> str:
 @flow(name="aligntok-pipeline", log_prints=True, flow_run_name=run_name, persist_result=True)
 def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.exceptions import TerminationSignal
     from prefect.states import Failed
 
     from aligntok.config import ConfigError, load_params
     from aligntok.stages.repro import pipeline_env
     from aligntok.tracking import finish_pipeline
 
-    tag_flow_run(params.profile)
+    tag_flow_run(params.profile, Profile.__args__)
     # the id keeps two runs with the same form values (same name) in separate worktrees
     name = f"prefect-{flow_run.get_name() or 'local'}-{(flow_run.get_id() or uuid.uuid4().hex)[:8]}"
     name = re.sub(r"[^\w.=+-]", "_", name)  # a folder name: an override's path (data.root=/x) has slashes
@@ -220,6 +202,8 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     try:
         for stage, timeout_s in stage_timeouts(params, resolved, dag_stages(run_dir / "dvc.yaml")).items():
             state = run_stage.with_options(name=stage)(stage, str(run_dir), env, timeout_s, return_state=True)
+            if state.is_cancelled():  # the flow engine tells a cancel (the run ends Cancelled) from a preemption
+                raise TerminationSignal(signal.SIGTERM)
             if not state.is_completed():
                 failed, failed_stage = state, stage
                 break
