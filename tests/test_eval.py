@@ -122,6 +122,63 @@ def test_inception_score_known_values():
         inception_score(same, splits=101)
 
 
+@pytest.mark.numeric
+def test_a_fake_exactly_on_a_real_ball_boundary_is_inside():
+    # 1-D, k=3. Real 0's 3rd neighbour is 0.8, so its ball has squared radius 0.8*0.8; the fake at -0.8 is at the
+    # same squared distance, computed by the same float64 operations (0.64 + 0 - 2*0), so the two are equal.
+    # Inside, as in the ADM evaluator and Kynkaenniemi et al. (distance <= radius). No other real ball reaches it
+    # (squared distances 0.81, 1.0, 2.56 vs radii 0.49, 0.36, 0.64) and the far fakes are outside everything:
+    # precision 1/4. The fakes' balls reach 100+ units, so recall is 1. Storing the radius rounded to float32
+    # (0.63999999 < 0.64000000000000001) would also leave the fake outside.
+    real, fake = np.array([[0.0], [0.1], [0.2], [0.8]]), np.array([[-0.8], [100.0], [101.0], [102.0]])
+    assert precision_recall(real, fake) == (0.25, 1.0)
+
+
+@pytest.mark.numeric
+def test_precision_recall_of_float32_features_is_computed_in_float64():
+    # k=3 balls of the reals 0, .01, .02, .03 have radius .03 (ends) or .02 (middle); the fake at .015 is inside,
+    # the one at .075 is .045 from the nearest real, outside by .015, and the rest are far: precision 1/4; the fake
+    # balls reach past every real: recall 1. Shifted by 1000 and given as float32 (inputs rounded by <= 3e-5),
+    # float64 distances of ~1e6-sized squares are good to ~1e-9, far inside those margins; squares computed in
+    # float32 would be off by ~0.1, far more than every distance here.
+    real = np.array([[0.0], [0.01], [0.02], [0.03]]) + 1000.0
+    fake = np.array([[0.015], [0.075], [0.2], [0.3]]) + 1000.0
+    assert precision_recall(real.astype(np.float32), fake.astype(np.float32)) == (0.25, 1.0)
+
+
+def test_precision_recall_runs_on_the_requested_device(monkeypatch):
+    import aligntok.eval.metrics as m
+    seen = []
+    monkeypatch.setattr(m, "_coverage", lambda q, s, r: seen.append({t.device.type for t in (q, s, r)}) or 0.0)
+    # "meta" tensors have shapes and dtypes but no data (the counts cannot be read back, hence the stub):
+    # a stand-in for a GPU on a CPU-only machine. The features and the k-NN radii must all live there.
+    precision_recall(rng().normal(size=(8, 2)), rng(1).normal(size=(8, 2)), device="meta")
+    assert seen == [{"meta"}, {"meta"}]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.numeric
+def test_precision_recall_on_cuda_equals_cpu(monkeypatch):
+    import aligntok.eval.metrics as m
+    real, fake = rng(1).normal(size=(300, 5)), rng(2).normal(0.5, 1.0, size=(260, 5))
+    cpu = precision_recall(real, fake)
+    # small blocks: the k+1 smallest distances are carried across column blocks, so they must stay sorted
+    monkeypatch.setattr(m, "ROW_BATCH", 64)
+    monkeypatch.setattr(m, "COL_BATCH", 37)
+    # counts of points inside radii: float64 on either device differs by ~1e-15 relative, far below the distance
+    # gaps of this data (the dense test above measures such a margin at ~1e-4), so the counts are equal
+    assert precision_recall(real, fake, device="cuda") == cpu
+
+
+@pytest.mark.parametrize("real,fake", [
+    (np.zeros(10), np.zeros((10, 3))), (np.zeros((10, 3)), np.zeros(10)), (np.zeros((10, 3)), np.zeros((10, 4))),
+    (np.zeros((3, 2)), np.zeros((10, 2))), (np.zeros((10, 2)), np.zeros((3, 2))),
+    (np.full((10, 2), np.nan), np.zeros((10, 2))), (np.zeros((10, 2)), np.full((10, 2), np.inf))])
+def test_precision_recall_refuses_bad_features(real, fake):
+    with pytest.raises(MetricError):  # k=3 needs more than 3 points per set
+        precision_recall(real, fake)
+
+
 def _two_mirrored_is() -> float:
     """IS of the logits [[0, 1], [1, 0]] by hand: p(y|x) = (a, 1-a) and (1-a, a) with a = 1/(1+e), p(y) = (1/2, 1/2),
     and both rows have KL = a log(2a) + (1-a) log(2(1-a)) to p(y); IS = exp(KL)."""
@@ -192,8 +249,19 @@ def test_stats_round_trip_and_adm_reference_batch(tmp_path):
     assert not bad.exists()
     np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=s)
     _, _, adm_meta = load_stats(tmp_path / "adm.npz")
-    assert adm_meta["backbone"] == "inception"
+    assert adm_meta == {"backbone": "inception", "source": "adm-reference-batch", "name": "adm.npz"}
     assert load_npz_samples(tmp_path / "adm.npz")[0].shape == (2, 8, 8, 3)
+
+
+def test_unreadable_or_broken_stats_files_are_refused_naming_the_file(tmp_path):
+    np.savez(tmp_path / "only_mu.npz", mu=np.zeros(2))
+    np.savez(tmp_path / "pickled.npz", mu=np.array([0.0, 1.0], dtype=object), sigma=np.eye(2))
+    np.savez(tmp_path / "nan.npz", mu=np.array([0.0, np.nan]), sigma=np.eye(2))
+    for name, why in [("only_mu", "expected arrays 'mu' and 'sigma'"), ("nan", "statistics contain NaN"),
+                      ("pickled", r"not a readable stats \.npz")]:  # never unpickled: allow_pickle=False
+        path = tmp_path / f"{name}.npz"
+        with pytest.raises(MetricError, match=f"^{re.escape(str(path))}: {why}"):
+            load_stats(path)
 
 
 def test_offline_inception_without_local_file_explains_how_to_provide_it(monkeypatch, tmp_path):
