@@ -241,6 +241,9 @@ def test_stats_round_trip_and_adm_reference_batch(tmp_path):
     save_stats(tmp_path / "ref.npz", mu, s, meta)
     mu2, s2, meta2 = load_stats(tmp_path / "ref.npz")
     assert np.array_equal(mu, mu2) and np.array_equal(s, s2) and meta2 == meta  # float64 stored as is: exact
+    save_stats(tmp_path / "ref2.npz", mu, s, dict(reversed(meta.items())))
+    with np.load(tmp_path / "ref.npz") as f, np.load(tmp_path / "ref2.npz") as f2:
+        assert f["meta"].tobytes() == f2["meta"].tobytes()  # canonical JSON: stored meta is the same in any key order
     with pytest.raises(MetricError, match="data_hash"):
         save_stats(tmp_path / "x.npz", mu, s, {"backbone": "inception"})
     bad = tmp_path / "broken.npz"

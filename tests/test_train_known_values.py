@@ -129,6 +129,8 @@ def test_ema_shadow_after_k_updates_by_hand(warmup):
     # 0.6 is not 0.5, so d and 1-d differ), dropping or forcing the warm-up by 5e-3
     assert_close(ema.shadow["m"].weight, torch.tensor(shadow, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.equal(ema.shadow["m"].running_mean, net.running_mean)  # buffers are copied, not averaged
+    # the shadow is frozen: evaluating it (previews, sampling) records no autograd graph
+    assert not ema.shadow["m"](torch.ones(2, 3, dtype=torch.float64)).requires_grad
 
 
 @pytest.mark.numeric
