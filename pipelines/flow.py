@@ -28,7 +28,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from pipelines.naming import made_up, prefect_tags, tag_flow_run
+from pipelines.naming import cancel_requested, made_up, prefect_tags, tag_flow_run
 from pipelines.overrides import overrides_schema, profile_values
 from pipelines.stage_process import NO_RETRY, StageFailed, run_streaming, transient
 
@@ -178,7 +178,7 @@ def metrics_table(metrics: dict) -> str:
 def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
     from prefect.exceptions import TerminationSignal
-    from prefect.states import Failed
+    from prefect.states import Cancelled, Failed
 
     from aligntok.config import ConfigError, load_params
     from aligntok.stages.repro import pipeline_env
@@ -198,17 +198,20 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
                                   "DVC_EXP_NAME": name, "TQDM_MININTERVAL": "30"},  # a progress line per 30 s
                        name=flow_run.get_name(), tags=prefect_tags(), workdir=run_dir)
     parent = env.get("ALIGNTOK_PARENT_RUN_ID")
-    seconds, status, failed = {}, "KILLED", None
+    seconds, status, failed, cancelled = {}, "KILLED", None, None
     try:
         for stage, timeout_s in stage_timeouts(params, resolved, dag_stages(run_dir / "dvc.yaml")).items():
             state = run_stage.with_options(name=stage)(stage, str(run_dir), env, timeout_s, return_state=True)
-            if state.is_cancelled():  # the flow engine tells a cancel (the run ends Cancelled) from a preemption
-                raise TerminationSignal(signal.SIGTERM)
+            if state.is_cancelled():  # its processes were stopped by a SIGTERM: the UI's Cancel, or a preemption
+                if not cancel_requested():
+                    raise TerminationSignal(signal.SIGTERM)  # Prefect's engine: Crashed, and Retry resumes
+                cancelled = f"cancelled during {stage}"
+                break
             if not state.is_completed():
                 failed, failed_stage = state, stage
                 break
             seconds[stage] = state.result()
-        status = "FAILED" if failed else "FINISHED"
+        status = "KILLED" if cancelled else "FAILED" if failed else "FINISHED"
     except Exception:
         status = "FAILED"
         raise
@@ -219,6 +222,8 @@ def aligntok_pipeline(params: PipelineParams = PipelineParams()) -> dict:
             archive_run_dir(run_dir)
         # a failed run keeps its worktree, checkpoints included: Retry (the UI's button) runs the same flow run in
         # the same directory, finished stages are skipped by DVC and the failed one resumes from its checkpoint
+    if cancelled:  # ends Cancelled, not Crashed (its worktree stays: Retry resumes it)
+        return Cancelled(message=cancelled)
     create_markdown_artifact(markdown=metrics_table(metrics) + mlflow_note(resolved, parent), key="final-metrics",
                              description=f"evaluate.json of {run_dir.name}")
     if link := mlflow_link(resolved, parent):  # a local store's opens once `mlflow ui` runs (the note says so)

@@ -1,4 +1,4 @@
-"""How a flow run is named and tagged, in Prefect and on its MLflow parent run.
+"""How a flow run is named and tagged, in Prefect and on its MLflow parent run, and whether it is being cancelled.
 
 Whether a flow run's name was made up by Prefect (then the flow names the run after its form values) or typed
 by the user (then it is kept). A run created over the API without a name gets a coolname slug from the server
@@ -53,3 +53,14 @@ def prefect_tags() -> dict[str, str]:
     tags = {"prefect.flow_run_id": run_id, "prefect.flow_run_name": name, "prefect.flow_run_url": url or "",
             "mlflow.note.content": f"Prefect flow run [{name}]({url})" if url else ""}
     return {k: v for k, v in tags.items() if v}
+
+
+def cancel_requested() -> bool:
+    """Whether this flow run is being cancelled (the UI's Cancel), as opposed to its process being stopped."""
+    from prefect.client.orchestration import get_client
+    run_id = flow_run.get_id()
+    if not run_id:
+        return False
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    return bool(state and (state.is_cancelling() or state.is_cancelled()))

@@ -107,7 +107,8 @@ def test_cancel_ends_the_run_cancelled_without_a_crash(served):
     logs = _api(served["api"], "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200,
                                                 "sort": "TIMESTAMP_DESC"})
     text = "\n".join(entry["message"] for entry in logs)
-    assert run["state"]["type"] == "CANCELLED", (run["state"], text[-3000:])
+    assert run["state"]["type"] == "CANCELLED", (run["state"]["type"], run["state"]["message"],
+                                                 served["log"].read_text()[-3000:])
     assert "Crash detected" not in text and "Finished in state Running" not in text, text[-3000:]
     client, exp = _mlflow(served)
     parent, = client.search_runs([exp], f"tags.`prefect.flow_run_id` = '{run['id']}'")
