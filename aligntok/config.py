@@ -199,14 +199,6 @@ class JudgeConfig(Section):
     lr: PosFloat = 2.0e-3
 
 
-class LauncherConfig(Section):
-    """How a stage starts its processes: one, torchrun on one node, torchrun on several nodes, or under Slurm.
-
-    Multi-node without a scheduler: start the same stage command on every node with the same launcher values
-    (torchrun's c10d rendezvous at `rdzv_endpoint` joins them). Under Slurm (`sbatch` from
-    `pipelines/slurm/dvc-repro.sbatch`), the node count, rendezvous id and endpoint come from SLURM_* and the
-    stage starts one torchrun per node through `srun`.
-    """
 class StageTimeouts(Section):
     """Wall-clock hours the Prefect flow gives each dvc.yaml stage before it kills the stage (then retries it once)."""
 
@@ -224,12 +216,24 @@ class StageTimeouts(Section):
         return 3600 * getattr(self, stage.replace("-", "_"))
 
 
+class LauncherConfig(Section):
+    """How a stage starts its processes: one, torchrun on one node, torchrun on several nodes, or under Slurm.
+
+    Multi-node without a scheduler: start the same stage command on every node with the same launcher values
+    (torchrun's c10d rendezvous at `rdzv_endpoint` joins them). Under Slurm (`sbatch` from
+    `pipelines/slurm/dvc-repro.sbatch`), the node count, rendezvous id and endpoint come from SLURM_* and the
+    stage starts one torchrun per node through `srun`.
+    """
 
     nproc_per_node: PosInt = 1  # processes (GPUs) per node
     nnodes: PosInt = 1  # nodes; > 1 needs rdzv_endpoint (or a Slurm allocation)
     rdzv_endpoint: str | None = None  # host:port on node 0 that every node reaches, e.g. gpu-node-0:29500
     rdzv_id: str = "aligntok"  # one id per job; every node uses the same
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # how long a rank waits in a collective (NCCL's own default, 10 min, is shorter than rank 0 alone saving and
+    # hashing a paper-size checkpoint or verifying one on resume); a dead rank is still caught at once by torchrun
+    timeout_s: PosInt = 3600
+    stage_timeout_h: StageTimeouts = StageTimeouts()
 
 
 class TrackingConfig(Section):
@@ -238,10 +242,6 @@ class TrackingConfig(Section):
 
 
 class Params(Section):
-    # how long a rank waits in a collective (NCCL's own default, 10 min, is shorter than rank 0 alone saving and
-    # hashing a paper-size checkpoint or verifying one on resume); a dead rank is still caught at once by torchrun
-    timeout_s: PosInt = 3600
-    stage_timeout_h: StageTimeouts = StageTimeouts()
     profile: str = "smoke"
     seed: int = 0
     data: DataConfig = DataConfig()
