@@ -66,6 +66,50 @@ def test_broken_statistics_are_an_error_not_a_number():
         feature_stats(np.array([[1.0, np.nan], [0.0, 1.0]]))
 
 
+def test_broken_statistics_errors_say_which_set_and_matrix():
+    s, bad_mu = np.eye(2), np.array([0.0, np.nan])
+    with pytest.raises(MetricError, match="^stats 1: statistics contain NaN"):
+        frechet_distance(bad_mu, s, np.zeros(2), s)
+    with pytest.raises(MetricError, match="^stats 2: statistics contain NaN"):
+        frechet_distance(np.zeros(2), s, bad_mu, s)
+    with pytest.raises(MetricError, match="^sigma1 is not positive semi-definite"):
+        frechet_distance(np.zeros(2), -s, np.zeros(2), s)
+    with pytest.raises(MetricError, match="^sigma2 is not positive semi-definite"):
+        frechet_distance(np.zeros(2), s, np.zeros(2), -s)
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize("diag, fd", [((1.0, -1e-6), 1.0 - 1e-6), ((100.0, -5e-5), 82.0 - 5e-5),
+                                      ((0.5, -1.5e-6), None)])
+def test_negative_eigenvalue_tolerance_is_a_fraction_of_the_largest_but_at_least_eig_tol(diag, fd):
+    # sigma1 = diag(a, b) against sigma2 = I, equal means. LAPACK returns a diagonal matrix's eigenvalues exactly,
+    # so b is compared with -EIG_TOL * max(1, a) = -1e-6 * max(1, a) exactly: b = -1e-6 at a = 1 sits on the
+    # bound (tolerated), -5e-5 is within 1e-4 at a = 100, and -1.5e-6 at a = 0.5 is beyond 1e-6 (refused).
+    # A tolerated b is clipped to 0 in the square root: FD = (a + b) + 2 - 2 (sqrt(a) + 0), which float64 gets to
+    # ~1e-14 (rel 1e-12 is a wide margin)
+    if fd is None:
+        with pytest.raises(MetricError, match="not positive semi-definite"):
+            frechet_distance(np.zeros(2), np.diag(diag), np.zeros(2), np.eye(2))
+    else:
+        assert frechet_distance(np.zeros(2), np.diag(diag), np.zeros(2), np.eye(2)) == pytest.approx(fd, rel=1e-12)
+
+
+def test_eigendecompositions_run_on_one_thread_and_restore_the_count(monkeypatch):
+    # documented in _psd_eigh: multi-threaded eigh slowed from 0.4 s to 24 s whenever another process held a core
+    threads_seen = []
+    for name in ("eigh", "eigvalsh"):
+        real = getattr(torch.linalg, name)
+        monkeypatch.setattr(torch.linalg, name, lambda m, real=real: threads_seen.append(torch.get_num_threads())
+                            or real(m))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        frechet_distance(np.zeros(3), np.eye(3), np.ones(3), 2 * np.eye(3))
+        assert threads_seen == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.numeric
 @pytest.mark.parametrize("case, expected", [("identical", (1.0, 1.0)), ("disjoint", (0.0, 0.0))])
 def test_precision_recall_extremes(case, expected):

@@ -18,7 +18,7 @@ from aligntok.losses import ReconstructionLoss, kl_loss
 from aligntok.models.tokenizer import AlignTokenizer
 from aligntok.stages.tokenizer import TokenizerRecipe
 from aligntok.train.dist import DistInfo
-from aligntok.train.loop import EMA, lr_lambda, train
+from aligntok.train.loop import EMA, lr_lambda, train, unwrap
 from tests.conftest import ROOT
 from tests.test_pipeline import isolated_env
 from tests.test_tokenizer_stages import Images, tok_config
@@ -40,6 +40,8 @@ def test_lr_lambda_warmup_then_cosine_values():
     expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 6: 0.75, 7: 0.5, 8: 0.25, 10: 0.0, 15: 0.0}  # cos(pi/3) = 1/2
     for step, value in expected.items():
         assert f(step) == pytest.approx(value, abs=1e-12), step
+    one = lr_lambda(TrainConfig(steps=5, warmup_steps=4, schedule="cosine"))  # one step after warm-up
+    assert [one(s) for s in (3, 4, 5, 6)] == [1.0, 1.0, 0.0, 0.0]  # the cosine still ends at 0 (logged at the end)
     constant = lr_lambda(TrainConfig(steps=10, warmup_steps=2, schedule="constant"))
     assert [constant(s) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]  # exact binary fractions
 
@@ -106,6 +108,13 @@ def test_loop_applies_warmup_and_cosine_lr_and_ema_each_step(tmp_path):
         d = min(decay, (1 + k) / (10 + k))
         shadow = d * shadow + (1 - d) * seen[k]
     assert out["ema"]["net"].w[0].item() == pytest.approx(shadow, abs=1e-12)
+
+
+def test_checkpoints_and_the_ema_see_the_model_inside_a_ddp_wrapper():
+    # DataParallel, like DDP, holds the model in `.module` (and on a CPU-only machine needs no GPU): a checkpoint
+    # of the wrapper would prefix every key with "module." and not load into a bare model
+    net = nn.Linear(2, 2)
+    assert unwrap(nn.DataParallel(net)) is net and unwrap(net) is net
 
 
 @pytest.mark.numeric
