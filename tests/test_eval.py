@@ -66,6 +66,24 @@ def test_broken_statistics_are_an_error_not_a_number():
         feature_stats(np.array([[1.0, np.nan], [0.0, 1.0]]))
 
 
+@pytest.mark.numeric
+def test_feature_stats_of_float32_features_are_float64():
+    # 1 + 2**-24 rounds back to 1 in float32 but not in float64: the float64 sums here are exact, so the mean is
+    # exactly 1/4 + (3/4) 2**-24, and the covariance of one varying column is checked against np.var (ddof=1)
+    tiny = 2.0 ** -24
+    x = np.array([[1.0, 0.0], [tiny, 0.0], [tiny, 0.0], [tiny, 0.0]], dtype=np.float32)
+    mu, sigma = feature_stats(x)
+    assert mu.dtype == np.float64 and mu[0] == 0.25 + 0.75 * tiny and mu[1] == 0.0
+    # same float64 data and formula: only the summation order can differ, ~1e-16 relative
+    assert sigma == pytest.approx(np.diag([np.var(x[:, 0].astype(np.float64), ddof=1), 0.0]), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("features", [np.zeros((1, 3)), np.zeros(5), np.zeros((2, 3, 4))])
+def test_feature_stats_need_at_least_two_feature_vectors(features):
+    with pytest.raises(MetricError, match="expected an"):
+        feature_stats(features)
+
+
 def test_broken_statistics_errors_say_which_set_and_matrix():
     s, bad_mu = np.eye(2), np.array([0.0, np.nan])
     with pytest.raises(MetricError, match="^stats 1: statistics contain NaN"):
