@@ -73,7 +73,7 @@ def test_a_pipelines_time_starts_at_its_first_stage(tmp_path):
     """The report's wall time counts tokenizer training too: a pipeline starts with its earliest run, not train-dit."""
     from aligntok.stages.study import collect
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    exp = client.create_experiment("study")
+    exp = client.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))  # not ./mlruns
     client.create_run(exp, tags={"stage": "prepare", "pipeline_id": "p-a0"}, start_time=1000)
     log_pipeline(client, exp, "p-a0", 0, "a", 20.0, [(100, 4.0)])
     found = collect(client.search_runs([exp]), lambda run_id, key: [])
@@ -98,7 +98,7 @@ def test_curves_keep_a_real_step_0_probe_and_drop_points_logged_without_a_step(t
     step 0 before any later point. Only the second belongs on the curve."""
     from aligntok.stages.study import collect, stepped, summarise
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
-    exp = client.create_experiment("study")
+    exp = client.create_experiment("study", artifact_location=str(tmp_path / "artifacts"))  # not ./mlruns
     curves = {}
     for name, baseline in (("new", True), ("old", False)):  # with a baseline probe; an old run without one
         run = client.create_run(exp).info.run_id
