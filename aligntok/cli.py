@@ -178,7 +178,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from aligntok.eval.judge import JudgeLoadError
     from aligntok.eval.metrics import MetricError
     from aligntok.eval.npz import NpzError
-    from aligntok.generate import DitLoadError
+    from aligntok.models.dit_export import DitLoadError
     from aligntok.io import WriteError
     from aligntok.models.encoder import EncoderLoadError
     from aligntok.models.tokenizer import TokenizerLoadError

@@ -179,7 +179,8 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                     if v is not None and not torch.isfinite(v.detach()).all():
                         latest = ckpt_dir / "latest"
                         last = ckpt_dir / latest.read_text().strip() if latest.exists() else None
-                        raise TrainingDiverged(f"{desc}: loss '{name}' is {v.item()} at step {step}; stopped. "
+                        bar.close()  # ends the bar's line: the stop message is a line of its own
+                        raise TrainingDiverged(f"loss '{name}' is {v.item()} at step {step}; stopped. "
                                                f"Last good checkpoint kept: {last or 'none yet'}")
                 (total / cfg.grad_accum).backward()
             for k, v in logs.items():
