@@ -14,7 +14,7 @@ import torch
 
 from aligntok.config import SampleConfig
 from aligntok.data.latents import denormalize
-from aligntok.models.dit_export import DitLoadError, check_dit, load_dit, save_dit  # noqa: F401 (re-exported)
+from aligntok.models.dit_export import load_dit
 
 
 def sample_labels(indices, num_classes: int, mode: str, seed: int) -> torch.Tensor:

@@ -172,7 +172,7 @@ def _dit_export(repo, channels: int, config_channels: int, tokenizer: Path | Non
     latents of a real `channels`-channel tokenizer (another one, or `tokenizer`); config.json claims
     `config_channels`."""
     from aligntok.config import load_params
-    from aligntok.generate import save_dit
+    from aligntok.models.dit_export import save_dit
     from aligntok.models.dit import build_dit
     from aligntok.models.tokenizer import AlignTokenizer
     from aligntok.fingerprint import tokenizer_hash

@@ -42,7 +42,7 @@ def workdir(tmp_path_factory) -> Path:
     """ci-profile data and judge, plus random-init tokenizer (stage 1 = stage 3) and a tiny DiT, in the stage
     layout."""
     from aligntok.config import load_params
-    from aligntok.generate import save_dit
+    from aligntok.models.dit_export import save_dit
     from aligntok.models.dit import build_dit
     from aligntok.models.tokenizer import AlignTokenizer
     from aligntok.fingerprint import tokenizer_hash

@@ -112,7 +112,8 @@ def resolve_steps(cfg: DitConfig, num_images: int) -> tuple[int, float]:
 
 
 def run(params: Params, args) -> int:
-    from aligntok.generate import Generator, save_dit
+    from aligntok.generate import Generator
+    from aligntok.models.dit_export import save_dit
     from aligntok.models.dit import build_dit
     from aligntok.models.tokenizer import AlignTokenizer
     from aligntok.fingerprint import tokenizer_hash

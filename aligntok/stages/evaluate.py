@@ -168,7 +168,7 @@ def evaluate(params: Params, args, dist) -> int:
         check_images_npz(args.samples)
     else:  # so do a DiT that does not fit the tokenizer's latents (weights not loaded yet) and a missing judge
         from aligntok.eval.judge import load_judge
-        from aligntok.generate import check_dit
+        from aligntok.models.dit_export import check_dit
         check_dit(DIT_DIR, tokenizer_dir(3))
         judge = None if params.judge.source == "none" else load_judge(JUDGE_DIR)
     extractor = feature_extractor(params).to(dist.device)
