@@ -90,6 +90,8 @@ def test_broken_statistics_errors_say_which_set_and_matrix():
         frechet_distance(bad_mu, s, np.zeros(2), s)
     with pytest.raises(MetricError, match="^stats 2: statistics contain NaN"):
         frechet_distance(np.zeros(2), s, bad_mu, s)
+    with pytest.raises(MetricError, match=r"^stats 1: expected mu \(D,\) and sigma \(D, D\)"):
+        frechet_distance(np.zeros(3), s, np.zeros(3), np.eye(3))
     with pytest.raises(MetricError, match="^sigma1 is not positive semi-definite"):
         frechet_distance(np.zeros(2), -s, np.zeros(2), s)
     with pytest.raises(MetricError, match="^sigma2 is not positive semi-definite"):
@@ -304,6 +306,8 @@ def test_stats_round_trip_and_adm_reference_batch(tmp_path):
     mu2, s2, meta2 = load_stats(tmp_path / "ref.npz")
     assert np.array_equal(mu, mu2) and np.array_equal(s, s2) and meta2 == meta  # float64 stored as is: exact
     save_stats(tmp_path / "ref2.npz", mu, s, dict(reversed(meta.items())))
+    save_stats(tmp_path / "ref32.npz", mu.astype(np.float32), s.astype(np.float32), meta)
+    assert all(a.dtype == np.float64 for a in load_stats(tmp_path / "ref32.npz")[:2])  # stored and read as float64
     with np.load(tmp_path / "ref.npz") as f, np.load(tmp_path / "ref2.npz") as f2:
         assert f["meta"].tobytes() == f2["meta"].tobytes()  # canonical JSON: stored meta is the same in any key order
     with pytest.raises(MetricError, match="data_hash"):

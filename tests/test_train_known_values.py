@@ -209,7 +209,34 @@ def test_reconstruction_loss_weights_each_term():
     assert logs["nll"] == pytest.approx(3 * l1 + 5 * lp, rel=1e-12)
     assert [logs["l1"], logs["lpips"], logs["kl"]] == pytest.approx([l1, lp, kl], rel=1e-12)
     off = ReconstructionLoss(SquaredDiff(), l1_weight=3.0, lpips_weight=0.0, kl_weight=0.0, discriminator=None)
-    assert off.generator_loss(x, x_rec, mean, logvar, None, step=0)[0].item() == pytest.approx(3 * l1, rel=1e-12)
+    off_loss, off_logs = off.generator_loss(x, x_rec, mean, logvar, None, step=0)
+    assert off_loss.item() == pytest.approx(3 * l1, rel=1e-12)
+    assert set(off_logs) == {"l1", "nll"}  # a weight of 0 switches the term off: not computed, not logged
+    small = ReconstructionLoss(SquaredDiff(), l1_weight=3.0, lpips_weight=5.0, kl_weight=0.5, discriminator=None)
+    assert small.generator_loss(x, x_rec, mean, logvar, None, step=0)[0].item() == pytest.approx(
+        3 * l1 + 5 * lp + 0.5 * kl, rel=1e-12)  # KL weights below 1 (the usual 1e-6 scale) apply too
+
+
+def test_adaptive_gan_weight_is_zero_without_gradients_to_balance():
+    fn = ReconstructionLoss(None, disc_weight=0.5)
+    W = nn.Parameter(torch.ones(2, 2, dtype=torch.float64))
+    nll, g = (2 * W).sum(), (3 * W).sum()
+    with torch.no_grad():  # evaluation, even with a graph at hand
+        w = fn.adaptive_weight(nll, g, W)
+    assert w.shape == () and w.item() == 0.0
+    w = fn.adaptive_weight(nll, g, torch.ones(2, 2, dtype=torch.float64))  # a frozen last layer
+    assert w.shape == () and w.item() == 0.0
+
+
+def test_discriminator_loss_logs_its_hinge_loss_and_mean_logits():
+    class Disc(nn.Module):  # logits = the image itself
+        def forward(self, img):
+            return img
+    fn = ReconstructionLoss(None, disc_start=0, discriminator=Disc())
+    x, x_rec = torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), -0.25)
+    d, logs = fn.discriminator_loss(x, x_rec, step=0)
+    # hinge by hand: (mean relu(1 - 0.5) + mean relu(1 - 0.25)) / 2 = (0.5 + 0.75) / 2; binary fractions: exact
+    assert logs == {"d_loss": 0.625, "logits_real": 0.5, "logits_fake": -0.25} and d.item() == 0.625
 
 
 @pytest.mark.numeric
