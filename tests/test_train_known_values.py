@@ -237,6 +237,8 @@ def test_discriminator_loss_logs_its_hinge_loss_and_mean_logits():
     d, logs = fn.discriminator_loss(x, x_rec, step=0)
     # hinge by hand: (mean relu(1 - 0.5) + mean relu(1 - 0.25)) / 2 = (0.5 + 0.75) / 2; binary fractions: exact
     assert logs == {"d_loss": 0.625, "logits_real": 0.5, "logits_fake": -0.25} and d.item() == 0.625
+    off = ReconstructionLoss(None, disc_weight=0.0, disc_start=0, discriminator=Disc())
+    assert off.discriminator_loss(x, x_rec, step=0) == (None, {})  # a GAN weight of 0 trains no discriminator
 
 
 @pytest.mark.numeric
