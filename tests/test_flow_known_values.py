@@ -9,7 +9,7 @@ from torch.testing import assert_close
 
 from aligntok.config import SampleConfig
 from aligntok.diffusion.flow import T_EPS, FlowMatching, sample_timesteps, shift_timesteps
-from aligntok.diffusion.sampler import cfg_active, combine_cfg, sample
+from aligntok.diffusion.sampler import cfg_active, combine_cfg, sample, time_grid
 from aligntok.eval.reconstruction import reconstruction_metrics
 from aligntok.generate import Generator
 
@@ -307,3 +307,10 @@ def test_lognormal_until_switches_to_uniform_at_that_step():
         expected, _ = hand_draws("lognormal" if step < 2 else "uniform", step, x.shape)
         # float32 sigmoid against float64: ~6e-8 in (0, 1); the other distribution's draw is another number entirely
         assert_close(t.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_time_grid_allows_a_single_step_and_defaults_to_no_shift():
+    # linspace(0, 1, steps + 1) in float64: k/4 and 0, 1 are exact binary fractions
+    assert time_grid(1) == [0.0, 1.0] and time_grid(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match="expected >= 1"):
+        time_grid(0)
