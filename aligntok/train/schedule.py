@@ -1,6 +1,6 @@
 """What the loop applies to the weights besides the optimiser step: the learning-rate schedule (linear warm-up,
-then cosine or constant), gradient clipping and the EMA of the weights. Kept apart from the loop so that the mutation tests
-(`make mutants`) cover these formulas without the loop's I/O around them."""
+then cosine or constant), gradient clipping and the EMA of the weights. Kept apart from the loop so that the
+mutation tests (`make mutants`) cover these formulas without the loop's I/O around them."""
 from __future__ import annotations
 
 import copy
