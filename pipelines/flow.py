@@ -26,7 +26,7 @@ from typing import Literal
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.naming import cancel_requested, made_up, prefect_tags, tag_flow_run
 from pipelines.overrides import overrides_schema, profile_values
@@ -47,25 +47,49 @@ def _keeps(key: str) -> str:
     return f"; empty: the profile's ({profile_values(key, Profile.__args__)})"
 
 
+def _form_schema(schema: dict) -> None:
+    """An optional field is shown as its own type (a number box, a text box, a choice) that may be left empty, not as
+    the union `float | None` with a second alternative "Property is type None": an empty field is left out of the
+    run's parameters and keeps the profile's value (the model's default None)."""
+    for field in schema.get("properties", {}).values():
+        alts = field.get("anyOf", [])
+        real = [a for a in alts if a.get("type") != "null"]
+        if len(alts) == 2 and len(real) == 1:
+            del field["anyOf"]
+            field.update(real[0])
+            field.pop("default", None)
+
+
 class PipelineParams(BaseModel):
     """This run's settings: a profile, and any of its values to change. An empty field keeps the profile's value."""
 
-    profile: Profile = Field("smoke", description="the profile to start from: profiles/smoke.yaml (CPU, minutes), "
-                             "profiles/ci.yaml (the tests' tiny one) or profiles/imagenet256.yaml (the paper's)")
-    semantic_weight: float | None = Field(None, ge=0, description="tokenizer.stage2.semantic_weight, >= 0 (0 = off)"
+    model_config = ConfigDict(json_schema_extra=_form_schema)
+
+    profile: Profile = Field("smoke", title="Profile", description="the profile to start from: profiles/smoke.yaml "
+                             "(CPU, minutes), profiles/ci.yaml (the tests' tiny one) or profiles/imagenet256.yaml "
+                             "(the paper's)")
+    semantic_weight: float | None = Field(None, title="Semantic weight", ge=0,
+                                          description="tokenizer.stage2.semantic_weight, >= 0 (0 = off)"
                                           + _keeps("tokenizer.stage2.semantic_weight"))
-    encoder_arch: str | None = Field(None, description="encoder.arch, a timm model name" + _keeps("encoder.arch"))
+    encoder_arch: str | None = Field(None, title="Encoder architecture",
+                                     description="encoder.arch, a timm model name" + _keeps("encoder.arch"))
     tokenizer_kind: Literal["aligntok", "vae"] | None = Field(
-        None, description="tokenizer.kind: aligntok, or vae (the from-scratch baseline)" + _keeps("tokenizer.kind"))
-    dit_model: str | None = Field(None, description="dit.model, e.g. tiny, LightningDiT-B/1" + _keeps("dit.model"))
-    dit_steps: int | None = Field(None, gt=0, description="dit.steps, a whole number > 0" + _keeps("dit.steps"))
-    cfg_scale: float | None = Field(None, ge=1, description="eval.cfg_scale, the guidance scale of the with-CFG "
-                                    "metrics, >= 1" + _keeps("eval.cfg_scale"))
-    overrides: list[str] = Field(default_factory=list, json_schema_extra={"items": overrides_schema()},
+        None, title="Tokenizer kind",
+        description="tokenizer.kind: aligntok, or vae (the from-scratch baseline)" + _keeps("tokenizer.kind"))
+    dit_model: str | None = Field(None, title="DiT model",
+                                  description="dit.model, e.g. tiny, LightningDiT-B/1" + _keeps("dit.model"))
+    dit_steps: int | None = Field(None, title="DiT steps", gt=0,
+                                  description="dit.steps, a whole number > 0" + _keeps("dit.steps"))
+    cfg_scale: float | None = Field(None, title="CFG scale", ge=1,
+                                    description="eval.cfg_scale, the guidance scale of the with-CFG metrics, >= 1"
+                                    + _keeps("eval.cfg_scale"))
+    overrides: list[str] = Field(default_factory=list, title="Other changes",
+                                 json_schema_extra={"items": overrides_schema()},
                                  description="any other param as dotted.key=value, e.g. dit.lr=2e-4: a known key and "
                                  "a value it accepts (type, choices, bounds such as > 0), else the run is refused")
-    stage_timeout_s: int | None = Field(None, gt=0, description="wall-clock limit of every stage in seconds, > 0; "
-                                        "empty: each stage's from the profile (launcher.stage_timeout_h)")
+    stage_timeout_s: int | None = Field(None, title="Stage timeout (s)", gt=0,
+                                        description="wall-clock limit of every stage in seconds, > 0; empty: each "
+                                        "stage's from the profile (launcher.stage_timeout_h)")
 
     def as_overrides(self) -> list[str]:
         named = {"tokenizer.stage2.semantic_weight": self.semantic_weight, "encoder.arch": self.encoder_arch,
@@ -88,7 +112,7 @@ def deployment_parser(prog: str, description: str):
 
 
 def run_form_defaults(profile: str) -> dict:
-    return {"params": PipelineParams(profile=profile).model_dump(mode="json")}
+    return {"params": PipelineParams(profile=profile).model_dump(mode="json", exclude_none=True)}
 
 
 def prepare_run_dir(run_name: str, params: PipelineParams) -> Path:
