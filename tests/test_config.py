@@ -52,6 +52,8 @@ def test_every_profile_validates(profile):
     ("data.val_fraction=1.5", "data.val_fraction: given 1.5; expected input should be less than or equal to 1"),
     ("sample.method=ddim", "sample.method: given 'ddim'; expected input should be 'euler' or 'heun'"),
     ("nokey", "-S 'nokey': expected dotted.key=value"),
+    ("dit.lr=.inf", "dit.lr: given inf; expected input should be a finite number"),  # YAML's infinity, a typo here
+    ("tokenizer.stage1.l1_weight=.nan", "tokenizer.stage1.l1_weight: given nan; expected input should be a finite"),
 ])
 def test_bad_override_names_key_value_and_expectation(override, expected):
     with pytest.raises(ConfigError) as err:
