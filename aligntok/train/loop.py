@@ -4,6 +4,10 @@ A stage supplies a `Recipe`: which modules it saves, which optimisers it steps, 
 the rest: deterministic step-indexed batches (so resume continues at the exact sample), warm-up + schedule,
 gradient accumulation and clipping, optional EMA, bf16 autocast on CUDA, DDP, progress bar, MLflow metrics and
 preview images, atomic checkpoints with automatic resume, and a clear stop on a NaN/Inf loss.
+
+Logs and losses stay on the device between log steps (`aligntok.train.window`): a step reads nothing back to the
+host, so the GPU never waits on Python. A non-finite loss is found at the next step that logs, checkpoints, previews
+or probes (at most log_every - 1 steps late), always before a checkpoint is written.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from tqdm import tqdm
 from aligntok.config import TrainConfig
 from aligntok.data.order import epoch_permutation, variant_choice
 from aligntok.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from aligntok.train.dist import DistInfo, all_reduce_mean
+from aligntok.train.dist import DistInfo
 from aligntok.train.schedule import EMA, clip_gradients, lr_lambda, unwrap
+from aligntok.train.window import Divergence, LogWindow, accumulate
 
 
 class TrainingDiverged(RuntimeError):
@@ -35,8 +40,9 @@ class Recipe(Protocol):
     def ema_modules(self) -> dict[str, nn.Module]: ...      # modules to keep an EMA of (may be empty)
     def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...  # stepped in this order
     def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None: ...  # DDP-wrap what trains
-    # losses per optimiser name (each loss must only put gradients into its own optimiser's parameters)
-    def losses(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+    # losses per optimiser name (each loss must only put gradients into its own optimiser's parameters), and logs:
+    # detached 0-d tensors, left on the device (floats for values already on the host)
+    def losses(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | float]]: ...
     def preview(self, batch: Any, step: int) -> np.ndarray | None: ...  # HxWx3 uint8 grid, or None
 
 
@@ -84,10 +90,13 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 def cuda_fast_math(device: torch.device) -> None:
     """TF32 matmuls/convolutions on CUDA (about 2x fp32 GEMM throughput on A100/H100 for ~1e-3 relative
-    rounding, below what bf16 autocast already accepts). A no-op on CPU, so CPU results never change."""
+    rounding, below what bf16 autocast already accepts), and cuDNN's autotuner: every training step has the same
+    shapes, so the fastest convolution algorithm is timed once per shape and reused (the conv tokenizer's decoder,
+    discriminator and LPIPS; the DiT's patch embedding). A no-op on CPU, so CPU results never change."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -99,9 +108,18 @@ def bf16_autocast(device: torch.device, enabled: bool = True) -> contextlib.Abst
 
 def ddp_wrap(module: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
     """DDP as every training stage uses it. Bucket views: gradients live in the all-reduce buckets, saving one
-    copy and one grad-sized buffer."""
+    copy and one grad-sized buffer. Buffers are broadcast from rank 0 before each forward only when some change in
+    training (`has_running_stats`); the others (the DiT's sin-cos positions and RoPE tables, the encoder's input
+    mean/std) are computed identically on every rank, and broadcasting them would cost a collective per forward."""
     kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-    return nn.parallel.DistributedDataParallel(module, gradient_as_bucket_view=True, **kw)
+    return nn.parallel.DistributedDataParallel(module, gradient_as_bucket_view=True,
+                                               broadcast_buffers=has_running_stats(module), **kw)
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether a forward pass in train mode can change a buffer: batch-norm running statistics (the PatchGAN
+    discriminator's BatchNorm2d, a convolutional encoder such as EfficientNet; not DINOv2, the DiT or the decoder)."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats for m in module.modules())
 
 
 def adamw(params, device: torch.device, **kw) -> torch.optim.AdamW:
@@ -152,7 +170,7 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                                          generator=torch.Generator().manual_seed(seed))  # keeps global RNG untouched
     run_id = tracker.run_id if tracker else None
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not dist.is_main, dynamic_ncols=True)
-    window: dict[str, list[float]] = {}
+    window = LogWindow(dist.device)
     t0, seen = time.perf_counter(), 0
     step = start
     if start == 0 and dist.is_main and getattr(cfg, "probe_every", 0):  # the untrained model: the curve's baseline
@@ -165,7 +183,7 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
         flip = torch.Generator().manual_seed(seed * 1_000_003 + step)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        logs_acc: dict[str, float] = {}
+        logs_acc: dict[str, torch.Tensor | float] = {}
         micros = _split(batch, cfg.grad_accum)
         for i, micro in enumerate(micros):
             if hflip:
@@ -175,16 +193,9 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                 with bf16_autocast(dist.device, cfg.amp):
                     losses, logs = recipe.losses(micro, step)
                 total = sum(v for v in losses.values() if v is not None)
-                for name, v in losses.items():
-                    if v is not None and not torch.isfinite(v.detach()).all():
-                        latest = ckpt_dir / "latest"
-                        last = ckpt_dir / latest.read_text().strip() if latest.exists() else None
-                        bar.close()  # ends the bar's line: the stop message is a line of its own
-                        raise TrainingDiverged(f"loss '{name}' is {v.item()} at step {step}; stopped. "
-                                               f"Last good checkpoint kept: {last or 'none yet'}")
+                window.add_losses(step, losses)
                 (total / cfg.grad_accum).backward()
-            for k, v in logs.items():
-                logs_acc[k] = logs_acc.get(k, 0.0) + v / cfg.grad_accum
+            accumulate(logs_acc, logs, cfg.grad_accum)
         for name, opt in optimizers.items():
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             if params:  # the pre-clip norm, and with clipping on (grad_clip not 0/null) whether it fired
@@ -194,14 +205,20 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
         if ema:
             ema.update(recipe.ema_modules())
         seen += cfg.batch_size
-        for k, v in logs_acc.items():
-            window.setdefault(k, []).append(v)
+        window.add_logs(logs_acc)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        log_now = done % cfg.log_every == 0 or done == cfg.steps
+        ckpt_now = done % cfg.ckpt_every == 0 or done == cfg.steps
+        probe_every = getattr(cfg, "probe_every", 0)
+        shown = done % cfg.image_every == 0 or (probe_every and done % probe_every == 0)
+        if log_now or ckpt_now or shown:  # the same steps on every rank: the read all-reduces
+            row, diverged = window.read(step, with_logs=log_now)
+            if diverged:
+                bar.close()  # ends the bar's line: the stop message is a line of its own
+                raise _diverged(diverged, ckpt_dir)
+        if log_now:
             rate = seen / max(time.perf_counter() - t0, 1e-9)
-            row = {k: float(all_reduce_mean(torch.tensor(np.mean(v), device=dist.device))) for k, v in window.items()}
             row.update({"lr": schedulers[next(iter(schedulers))].get_last_lr()[0], "img_per_s": rate})
-            window = {}
             if dist.is_main:
                 history.append({"step": done, **row})
                 if tracker:
@@ -212,10 +229,9 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
                 grid = recipe.preview(batch, done)
             if grid is not None:
                 tracker.log_image(grid, key=f"{desc}_preview", step=done)
-        probe_every = getattr(cfg, "probe_every", 0)
         if dist.is_main and probe_every and (done % probe_every == 0 or done == cfg.steps):
             _probe(recipe, done, history, tracker)
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if ckpt_now:
             if dist.is_main:
                 save_checkpoint(ckpt_dir, done, modules={k: unwrap(m) for k, m in modules.items()},
                                 ema=ema.shadow if ema else {}, optimizers=optimizers, schedulers=schedulers,
@@ -226,6 +242,14 @@ def train(recipe: Recipe, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *
             raise KeyboardInterrupt(f"stopped after step {done} (stop_after)")
     bar.close()
     return {"history": history, "ema": ema.shadow if ema else {}, "step": max(step + 1, start)}
+
+
+def _diverged(d: Divergence, ckpt_dir: Path) -> TrainingDiverged:
+    latest = ckpt_dir / "latest"
+    last = ckpt_dir / latest.read_text().strip() if latest.exists() else None
+    what = f"loss '{d.name}' is {d.value} at step {d.step}" if d.name else f"a loss on another rank is not finite " \
+        f"by step {d.step}"
+    return TrainingDiverged(f"{what}; stopped. Last good checkpoint kept: {last or 'none yet'}")
 
 
 def _probe(recipe: Recipe, done: int, history: list[dict], tracker) -> None:
@@ -271,5 +295,5 @@ def _split(batch, parts: int):
 def _flip_half(batch, gen: torch.Generator):
     """Horizontally flip half the images (batch[0]), drawn from a per-step generator so resume is exact."""
     x = batch[0]
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device, non_blocking=True)  # no stream sync
     return (torch.where(mask[:, None, None, None], x.flip(-1), x), *batch[1:])

@@ -24,15 +24,16 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
-def clip_gradients(params, max_norm: float | None) -> dict[str, float]:
+def clip_gradients(params, max_norm: float | None) -> dict[str, torch.Tensor]:
     """Clip the gradients of `params` to total 2-norm `max_norm` in place (torch's clip_grad_norm_: scaled by
     max_norm / (norm + 1e-6) when that is below 1); 0 or None: left alone. Returns {'grad_norm': the norm before
     clipping} and, when clipping is on, {'clip_frac': 1.0 if it scaled the gradients else 0.0}: averaged over a log
-    window, the fraction of steps where it fired."""
+    window, the fraction of steps where it fired. Both stay on the gradients' device (0-d tensors): reading them
+    here would stall the GPU once a step; the loop reads a whole log window at once."""
     if not max_norm:
-        return {"grad_norm": float(nn.utils.get_total_norm([p.grad for p in params]))}
-    norm = float(nn.utils.clip_grad_norm_(params, max_norm))
-    return {"grad_norm": norm, "clip_frac": float(max_norm / (norm + 1e-6) < 1.0)}
+        return {"grad_norm": nn.utils.get_total_norm([p.grad for p in params]).detach()}
+    norm = nn.utils.clip_grad_norm_(params, max_norm).detach()
+    return {"grad_norm": norm, "clip_frac": (max_norm / (norm + 1e-6) < 1.0).to(norm.dtype)}
 
 
 class EMA:
@@ -44,11 +45,13 @@ class EMA:
     def update(self, modules: dict[str, nn.Module]) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        for k, m in modules.items():
-            for s, p in zip(self.shadow[k].parameters(), unwrap(m).parameters()):
-                s.lerp_(p.detach(), 1 - d)
-            for s, b in zip(self.shadow[k].buffers(), unwrap(m).buffers()):
-                s.copy_(b)
+        for k, m in modules.items():  # multi-tensor kernels on CUDA: a few launches, not one per tensor
+            shadow, live = list(self.shadow[k].parameters()), [p.detach() for p in unwrap(m).parameters()]
+            if shadow:
+                torch._foreach_lerp_(shadow, live, 1 - d)
+            shadow, live = list(self.shadow[k].buffers()), list(unwrap(m).buffers())
+            if shadow:
+                torch._foreach_copy_(shadow, live)
 
 
 def unwrap(m: nn.Module) -> nn.Module:
