@@ -44,8 +44,8 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("aligntok:")]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -271,6 +271,11 @@ def test_tracking_sync_replays_the_outage_journal_exactly_once(tmp_path):
             {"loss": [(1, 1.5)], "lr": [(1, 1e-4)]}
 
     sync = ["tracking", "sync", "--params", str(ROOT / "profiles/ci.yaml")]
+    # While the server is still away: one line, exit 1, and nothing marked sent.
+    down = aligntok(tmp_path, *sync, env=clean_env(MLFLOW_TRACKING_URI=dead))
+    print(one_line_error(down, f"MLflow at {dead} did not take the points of {runs[0][0]}",
+                         "run it again when the server", code=1))
+    assert [(journal / f"{run_id}.sent").read_text() for run_id, _ in runs] == ["2", "2"]
     # A second sync sends nothing. The counts printed and the .sent files are what shows a point is sent once: the
     # sqlite store silently drops a resent point identical to a stored one, so the histories alone could not.
     for attempt in range(2):

@@ -128,16 +128,27 @@ def send_metrics(run_id: str, points: list[dict]) -> None:
     mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(p["key"], p["value"], p["timestamp"], p["step"])
                                                      for p in points], synchronous=True)
 
+class SyncFailed(RuntimeError):
+    """MLflow refused or could not be reached during `aligntok tracking sync` (one line; the journals are kept)."""
+
+
 def sync_journals(params: Params) -> int:
     """`aligntok tracking sync`: send every journaled metric point that MLflow has not accepted yet."""
     import mlflow
+
+    from aligntok.tracking.uri import redact
     uri = tracking_uri(params)
     if uri.startswith("http"):
         bound_http_retries()
     mlflow.set_tracking_uri(uri)
     total = 0
     for path in sorted(JOURNAL_DIR.glob("*.jsonl")):
-        sent = flush_journal(path, path.with_suffix(".sent"), path.stem, send_metrics)
+        try:
+            sent = flush_journal(path, path.with_suffix(".sent"), path.stem, send_metrics)
+        except Exception as e:  # noqa: BLE001 - unreachable, refused: nothing is marked sent, so a rerun resends it
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise SyncFailed(f"tracking sync: MLflow at {redact(uri)} did not take the points of {path.stem} "
+                             f"({reason}); they stay in {path}: run it again when the server is up") from None
         total += sent
         print(f"{path.stem}: {sent} metric points sent")
     return total
