@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", help="an ADM reference batch .npz instead of the prepared train images")
             p.add_argument("--out", help="metrics file (default outputs/metrics/evaluate.json)")
     b = sub.add_parser("bench", help="benchmarks: throughput and FLOP/s on this machine")
-    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "ddp", "eval", "scale"])
+    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "ddp", "eval", "scale", "loader"])
     b.add_argument("--out", help="also write the figures as JSON here")
     b.add_argument("--quick", action="store_true", help="fewer steps/sizes (CI smoke of the benchmark)")
     b.add_argument("--reference-root", metavar="DIR",
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tracking", help="`tracking sync`: send metric points kept locally during an MLflow outage")
     t.add_argument("action", choices=["sync"])
     _common(t)
+    pf = sub.add_parser("preflight", help="check a profile before its first run: weights (fetched into the caches "
+                        "when online), data, reference, CUDA and driver, disk, shared folder, multi-node settings")
+    _common(pf)
     r = sub.add_parser("repro", help="`dvc repro` under one MLflow parent run (extra args go to dvc)")
     _common(r)
     r.add_argument("dvc_args", nargs=argparse.REMAINDER)
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from aligntok.stages.bench import run_bench
             return run_bench(args.target, args.out, args.quick, args.reference_root)
-        params = load_params(args.params, args.overrides)
+        # preflight reports missing paths as rows of its table, not as the first config error
+        params = load_params(args.params, args.overrides, check_paths=args.command != "preflight")
     except ConfigError as e:
         print(f"aligntok: config error: {e}", file=sys.stderr)
         return 2
@@ -126,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         from aligntok.stages.compare import run as compare
         return compare(params, args)
     if args.command == "tracking":
-        from aligntok.tracking import sync_journals
-        sync_journals(params)
+        from aligntok.tracking.journal import SyncFailed, sync_journals
+        try:
+            sync_journals(params)
+        except SyncFailed as e:
+            print(f"aligntok: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "repro":
         from aligntok.stages.repro import run as repro
@@ -138,11 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "summary":
         from aligntok.stages.summary import run as summary
         return summary(params, args)
+    if args.command == "preflight":
+        return _preflight(params, Path(args.params))
     from aligntok.launch import GpuUnavailable
+    from aligntok.preflight import PreflightError, require_stage
     try:
+        # every weight the stage loads, resolved before torchrun starts N processes (and again in each rank,
+        # whose node may have a cache of its own): a missing one is this one line, not a failure after training
+        require_stage(args.command, params, getattr(args, "samples", None))
         _maybe_torchrun(args.command, params)
     except ConfigError as e:
         print(f"aligntok: config error: {e}", file=sys.stderr)
+        return 2
+    except PreflightError as e:
+        print(f"aligntok: {args.command}: preflight: {e}", file=sys.stderr)
         return 2
     except GpuUnavailable as e:
         print(f"aligntok: {e}", file=sys.stderr)
@@ -187,6 +204,16 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from aligntok.train.loop import TrainingDiverged
     return (DataError, LatentCacheError, NpzError, MetricError, TokenizerLoadError, EncoderLoadError, DitLoadError,
             JudgeLoadError, WriteError, CheckpointWriteError, TrainingDiverged, SharedDirError)
+
+
+def _preflight(params, params_path: Path) -> int:
+    from aligntok.preflight import format_table, profile_checks
+    checks = profile_checks(params, params_path, [*STAGES, "sample"])
+    print(format_table(checks))
+    failed = [c.name for c in checks if not c.ok]
+    print(f"preflight: {len(checks) - len(failed)} of {len(checks)} checks pass"
+          + (f"; fix: {', '.join(failed)}" if failed else ""))
+    return 2 if failed else 0
 
 
 def _switch_profile(name: str, target: Path) -> int:

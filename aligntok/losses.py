@@ -2,19 +2,44 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aligntok.models.discriminator import hinge_d_loss, hinge_g_loss
+from aligntok.weights import cached_download
 
-_TORCHVISION_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth",
-                      "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+# LPIPS trunk -> torchvision's ImageNet weights enum (what lpips' `tv.<net>(pretrained=True)` loads)
+_TORCHVISION_WEIGHTS = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 
 
 class LPIPSError(RuntimeError):
     """The LPIPS backbone weights could not be obtained."""
+
+
+def resolve_lpips_weights(net: str = "vgg", pretrained_backbone: bool = True) -> list[Path]:
+    """The files `build_lpips` loads: the calibrated linear heads shipped in the lpips package and, with a
+    pretrained backbone, torchvision's ImageNet trunk in $TORCH_HOME/hub/checkpoints (where torchvision looks),
+    downloaded there now when missing and online. LPIPSError in one line naming the param otherwise."""
+    import lpips
+    import torchvision
+
+    if net not in _TORCHVISION_WEIGHTS:
+        raise ValueError(f"unknown LPIPS net {net!r}; known: {sorted(_TORCHVISION_WEIGHTS)}")
+    heads = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    if not heads.is_file():
+        raise LPIPSError(f"lpips.net: the lpips package lacks its {net} heads ({heads}); reinstall lpips")
+    if not pretrained_backbone:
+        return [heads]
+    url = torchvision.models.get_weight(f"{_TORCHVISION_WEIGHTS[net]}.IMAGENET1K_V1").url
+    trunk = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if not cached_download(url, trunk):
+        raise LPIPSError(f"lpips.pretrained_backbone: the torchvision {net} trunk {trunk.name} is not in {trunk.parent} "
+                         f"and cannot be downloaded; put it there ({url}), or set lpips.pretrained_backbone=false for "
+                         f"an offline random backbone (not a perceptual metric)")
+    return [heads, trunk]
 
 
 def build_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
@@ -23,18 +48,15 @@ def build_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module
     runs, not a perceptual metric."""
     import lpips
 
-    if net not in _TORCHVISION_FILES:
-        raise ValueError(f"unknown LPIPS net {net!r}; known: {sorted(_TORCHVISION_FILES)}")
+    resolve_lpips_weights(net, pretrained_backbone)
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecated `pretrained=` inside lpips
             torch.manual_seed(0)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
     except Exception as e:
-        raise LPIPSError(
-            f"cannot load the pretrained torchvision {net} backbone for LPIPS ({type(e).__name__}); set "
-            f"lpips.pretrained_backbone=false for an offline random backbone (not a perceptual metric) or put "
-            f"{_TORCHVISION_FILES[net]} into $TORCH_HOME/hub/checkpoints/{_TORCHVISION_FILES[net]}") from e
+        raise LPIPSError(f"lpips.pretrained_backbone: cannot load the LPIPS {net} model ({type(e).__name__}: "
+                         f"{e})".splitlines()[0]) from e
     return FrozenLPIPS(model)
 
 

