@@ -49,7 +49,7 @@ class DitRecipe:
         loss, logs = self.flow.loss(self.net, normalize(z, self.stats), y, step=step)
         if self.flow.lognormal_until is not None:  # the switch is on: the curve shows when t left log-normal
             logs["t_lognormal"] = float(self.flow.sampling_at(step) == "lognormal")
-        logs["loss"] = float(loss.detach())
+        logs["loss"] = loss.detach()  # read by the loop once per log window
         return {"dit": loss}, logs
 
     @torch.no_grad()
