@@ -36,6 +36,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
+def norm_layer(use_rmsnorm: bool) -> Callable[[int], nn.Module]:
+    """The norm of a block: RMSNorm with a learned scale, or LayerNorm without an affine (the original DiT's)."""
+    return RMSNorm if use_rmsnorm else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -101,17 +106,25 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor | None = None, *, table: to
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qk_norm: bool, norm: Callable[[int], nn.Module]):
+    """Multi-head self-attention. `heads_qkv` and `merge_heads` are its two halves, so that a joint attention over
+    several token streams (models/t2i_dit.py) can project each stream with its own weights and attend once;
+    proj=False leaves out the output projection for a stream whose attention output is never read."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, norm: Callable[[int], nn.Module], proj: bool = True):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.qk_norm = qk_norm
         self.q_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim) if proj else None
 
     def forward(self, x, rope: torch.Tensor | None):
         """rope: rope_table(...) of shape (N, pairs, 2), or None."""
+        return self.merge_heads(F.scaled_dot_product_attention(*self.heads_qkv(x, rope)))
+
+    def heads_qkv(self, x, rope: torch.Tensor | None):
+        """q, k, v of x (B, N, dim), each (B, heads, N, head_dim): QK-normed, q and k rotated by `rope`."""
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim)
         if torch.compiler.is_compiling():
@@ -122,8 +135,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, table=rope, token_dim=2), apply_rope(k, table=rope, token_dim=2)
-            out = F.scaled_dot_product_attention(q, k, v)
-            return self.proj(out.transpose(1, 2).reshape(b, n, d))
+            return q, k, v
         # eager: split, not slicing: its backward writes both gradients into one buffer (slices' backward
         # zero-fills a full-size buffer for each and adds them)
         qk, v = qkv.split([2, 1], dim=2)
@@ -132,9 +144,12 @@ class Attention(nn.Module):
         if rope is not None:  # q and k rotated together, in their (B, N, 2, heads, D) layout: no copies before it
             qk = apply_rope(qk, table=rope, token_dim=1)
         q, k = qk.permute(2, 0, 3, 1, 4)
-        v = v.squeeze(2).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return q, k, v.squeeze(2).transpose(1, 2)
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, heads, N, head_dim) attention output -> (B, N, dim), projected."""
+        b, _, n, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
 def modulate(x, shift, scale):
@@ -145,7 +160,7 @@ def modulate(x, shift, scale):
 class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio, qk_norm, use_swiglu, use_rmsnorm):
         super().__init__()
-        norm = RMSNorm if use_rmsnorm else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
+        norm = norm_layer(use_rmsnorm)
         self.norm1, self.norm2 = norm(dim), norm(dim)
         self.attn = Attention(dim, heads, qk_norm, norm)
         hidden = int(dim * mlp_ratio)
@@ -205,8 +220,7 @@ class LightningDiT(nn.Module):
         self.register_buffer("rope", rope, persistent=False)  # (N, pairs, 2): cos, sin of each rotated pair
         self.blocks = nn.ModuleList([Block(hidden_size, num_heads, mlp_ratio, qk_norm, use_swiglu, use_rmsnorm)
                                      for _ in range(depth)])
-        norm = RMSNorm if use_rmsnorm else partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6)
-        self.norm_final = norm(hidden_size)
+        self.norm_final = norm_layer(use_rmsnorm)(hidden_size)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
         # recompute each block's activations in backward instead of storing them (training only): trades about
