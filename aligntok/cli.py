@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", help="an ADM reference batch .npz instead of the prepared train images")
             p.add_argument("--out", help="metrics file (default outputs/metrics/evaluate.json)")
     b = sub.add_parser("bench", help="benchmarks: throughput and FLOP/s on this machine")
-    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "ddp", "eval", "scale", "loader"])
+    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "ddp", "eval", "scale", "loader", "sync"])
     b.add_argument("--out", help="also write the figures as JSON here")
     b.add_argument("--quick", action="store_true", help="fewer steps/sizes (CI smoke of the benchmark)")
     b.add_argument("--reference-root", metavar="DIR",
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # every weight the stage loads, resolved before torchrun starts N processes (and again in each rank,
         # whose node may have a cache of its own): a missing one is this one line, not a failure after training
-        require_stage(args.command, params, getattr(args, "samples", None))
+        require_stage(args.command, params)
         _maybe_torchrun(args.command, params)
     except ConfigError as e:
         print(f"aligntok: config error: {e}", file=sys.stderr)

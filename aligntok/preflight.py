@@ -2,8 +2,8 @@
 
 A stage that fetches a weight file at first use fails after hours of training on an offline node (and its rerun
 trains 0 steps and fails again). `require_stage` resolves every file the stage will load, through the functions
-the stage's loaders call themselves (`resolve_encoder_weights`, `resolve_lpips_weights`, `resolve_feature_weights`,
-`load_judge`), so a file that passes is the file the stage loads; the CLI calls it before dispatching any stage.
+the stage's loaders call themselves (`resolve_encoder_weights`, `resolve_lpips_weights`, `resolve_feature_weights`),
+so a file that passes is the file the stage loads; the CLI calls it before dispatching any stage.
 Online, resolving downloads into the same caches the loaders read, so the stage itself never waits on the network.
 
 `profile_checks` adds what a first run on a cluster needs: data folders, the reference batch, torch's CUDA build
@@ -40,12 +40,11 @@ class Check:
 
 def _run(name: str, fn: Callable[[], str]) -> Check:
     from aligntok.eval.features import FeatureWeightsError
-    from aligntok.eval.judge import JudgeLoadError
     from aligntok.losses import LPIPSError
     from aligntok.models.encoder import EncoderLoadError
     try:
         return Check(name, True, fn())
-    except (EncoderLoadError, LPIPSError, FeatureWeightsError, JudgeLoadError, ConfigError, ValueError, OSError) as e:
+    except (EncoderLoadError, LPIPSError, FeatureWeightsError, ConfigError, ValueError, OSError) as e:
         return Check(name, False, str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
@@ -67,30 +66,22 @@ def _features(p: Params) -> str:
     return f"{p.eval.fid_backbone}: {resolve_feature_weights(p.eval.fid_backbone, p.eval.inception_weights) or 'seeded random init'}"
 
 
-def _judge() -> str:
-    from aligntok.eval.judge import load_judge
-    from aligntok.stages.common import JUDGE_DIR
-    return f"{JUDGE_DIR}: {'loaded' if load_judge(JUDGE_DIR) is not None else 'off'}"
-
-
-def weight_needs(stage: str, params: Params, samples: str | None = None) -> dict[str, Callable[[], str]]:
-    """The pretrained weights `stage` loads, by the param that chooses them -> a resolver returning one line.
-    'judge' is the judge stage's output, not a download: checked per stage, not up front."""
+def weight_needs(stage: str, params: Params) -> dict[str, Callable[[], str]]:
+    """The downloaded weights `stage` loads, by the param that chooses them -> a resolver returning one line.
+    Stage outputs (saved tokenizers, the DiT, the judge) are not here: each stage reads them before step 0 itself
+    (evaluate and train-dit load the judge before step 0), and DVC runs the stages that make them first."""
     needs: dict[str, Callable[[], str]] = {}
     if stage == "tokenizer-stage1" and params.tokenizer.kind == "aligntok":  # later stages load saved tokenizers
         needs["encoder.pretrained"] = lambda: _encoder(params)
     if stage in TOKENIZER_STAGES or stage == "evaluate":  # training loss and/or reconstruction metrics, rFID
         needs["lpips.pretrained_backbone"] = lambda: _lpips(params)
         needs["eval.fid_backbone"] = lambda: _features(params)
-    uses_judge = (stage == "train-dit" and params.dit.probe_every > 0) or (stage == "evaluate" and not samples)
-    if uses_judge and params.judge.source == "synthetic":
-        needs["judge"] = _judge
     return needs
 
 
-def require_stage(stage: str, params: Params, samples: str | None = None) -> None:
+def require_stage(stage: str, params: Params) -> None:
     """Resolve every weight file of `stage` now; PreflightError with the first failure (and how many more)."""
-    failed = [c for c in (_run(name, fn) for name, fn in weight_needs(stage, params, samples).items()) if not c.ok]
+    failed = [c for c in (_run(name, fn) for name, fn in weight_needs(stage, params).items()) if not c.ok]
     if failed:
         more = f" (and {len(failed) - 1} more: `aligntok preflight` lists them)" if len(failed) > 1 else ""
         raise PreflightError(f"{failed[0].detail}{more}")
@@ -102,9 +93,8 @@ def weight_checks(params: Params, stages: list[str]) -> list[Check]:
     resolvers: dict[str, Callable[[], str]] = {}
     for stage in stages:
         for name, fn in weight_needs(stage, params).items():
-            if name != "judge":
-                users.setdefault(name, []).append(stage)
-                resolvers.setdefault(name, fn)
+            users.setdefault(name, []).append(stage)
+            resolvers.setdefault(name, fn)
     checks = []
     for name, fn in resolvers.items():
         c = _run(f"weights {name}", fn)
