@@ -1,8 +1,9 @@
 """Tokenizer reconstruction on held-out images: the per-image metrics (PSNR, SSIM on [-1, 1] NCHW tensors, computed
 on the [0, 1] range with data range 1) and `reconstruction_metrics`, which adds LPIPS, rFID and the semantic cosine
-over a val split."""
+over a val split, split over the ranks."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,47 +54,85 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return s.flatten(1).mean(1).float()
 
 
+def rank_images(n: int, batch_size: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s images of [0, n): a contiguous run of whole batches [k * batch_size, (k + 1) * batch_size), so
+    each image is scored in the same batch, by the same arithmetic, whatever the number of ranks."""
+    from aligntok.data.dataset import contiguous_part
+    batches = contiguous_part(-(-n // batch_size), rank, world_size)
+    return range(min(n, batches.start * batch_size), min(n, batches.stop * batch_size))
+
+
+PER_IMAGE = ("psnr", "ssim", "lpips", "semantic_cosine")
+
+
 @torch.no_grad()
+def _score(model, loader, device: torch.device, lpips_fn, extractor, reference) -> dict[str, np.ndarray]:
+    """One rank's share: per-image PSNR, SSIM, LPIPS and semantic cosine (columns in PER_IMAGE order; LPIPS 0 without
+    `lpips_fn`), and the extractor's features of the originals and of the reconstructions."""
+    from aligntok.eval.features import full_fp32
+    from aligntok.train.loop import bf16_autocast
+
+    rows, real, fake = [], [], []
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with bf16_autocast(device):  # CUDA only; everything measured below is computed in full float32
+            z = model.encode(x).float()
+            x_rec = model.decode(z).float().clamp(-1, 1)
+            z_ref = reference.encode(x).float() if reference is not None else z
+        with full_fp32(device):
+            lp = lpips_fn(x_rec, x).reshape(len(x)) if lpips_fn is not None else torch.zeros(len(x), device=x.device)
+            cols = [psnr(x_rec, x).clamp(max=100), ssim(x_rec, x), lp,
+                    F.cosine_similarity(z, z_ref, dim=1).mean(dim=(1, 2))]
+        rows.append(torch.stack([c.double() for c in cols], 1).cpu().numpy())
+        if extractor is not None:
+            real.append(extractor(to_uint8(x))[0].numpy())
+            fake.append(extractor(to_uint8(x_rec))[0].numpy())
+    dim = extractor.dim if extractor is not None else 0
+    return {"per_image": np.concatenate(rows) if rows else np.zeros((0, len(PER_IMAGE))),
+            "real": np.concatenate(real) if real else np.zeros((0, dim)),
+            "fake": np.concatenate(fake) if fake else np.zeros((0, dim))}
+
+
 def reconstruction_metrics(model, dataset, *, num_images: int, device: torch.device, lpips_fn=None,
-                           extractor=None, reference=None, batch_size: int = 16) -> dict[str, float]:
+                           extractor=None, reference=None, batch_size: int = 16, coord=None,
+                           num_workers: int = 0) -> dict[str, float] | None:
     """Scores `model` (a Tokenizer) on the first `num_images` of `dataset` (image, label pairs).
 
     `reference` is the stage-1 tokenizer: semantic_cosine is the mean cosine (over channels, per latent token)
     between this model's latent and the stage-1 latent of the same image (1.0 for stage 1 itself).
     rFID is the Fréchet distance between features of the originals and of the reconstructions.
-    """
-    from aligntok.eval.metrics import feature_stats, frechet_distance
-    from aligntok.train.loop import bf16_autocast
 
-    was_training = model.training
-    model.eval()
-    if reference is not None:
-        reference.eval()
+    Every rank of `coord` (None: this process alone) scores its `rank_images` on `device`, decoded by `num_workers`
+    loader workers; rank 0 gathers the per-image numbers and feature rows in image order and returns the metrics
+    (None on the other ranks). The numbers are those of one rank: same batches, same sums in the same order.
+    """
+    from aligntok.eval.coord import Coord
+    from aligntok.eval.metrics import feature_stats, frechet_distance
+
+    coord = coord if coord is not None else Coord()
     n = min(num_images, len(dataset))
-    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "semantic_cosine": 0.0}
-    real_feats, fake_feats = [], []
-    for start in range(0, n, batch_size):
-        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
-        x = torch.stack([it[0] for it in items]).to(device)
-        with bf16_autocast(device):  # CUDA only; the metrics below are computed in float32
-            z = model.encode(x).float()
-            x_rec = model.decode(z).float().clamp(-1, 1)
-        sums["psnr"] += float(psnr(x_rec, x).clamp(max=100).sum())
-        sums["ssim"] += float(ssim(x_rec, x).sum())
-        if lpips_fn is not None:
-            sums["lpips"] += float(lpips_fn(x_rec, x).sum())
-        with bf16_autocast(device):
-            z_ref = reference.encode(x).float() if reference is not None else z
-        sums["semantic_cosine"] += float(F.cosine_similarity(z, z_ref, dim=1).mean(dim=(1, 2)).sum())
-        if extractor is not None:
-            real_feats.append(extractor(to_uint8(x).cpu())[0])
-            fake_feats.append(extractor(to_uint8(x_rec).cpu())[0])
-    model.train(was_training)
-    out = {k: v / n for k, v in sums.items()}
+    mine = rank_images(n, batch_size, coord.rank, coord.world_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+                                         num_workers=num_workers if len(mine) else 0,
+                                         pin_memory=device.type == "cuda")
+    modes = [(m, m.training) for m in (model, reference) if m is not None]
+    for m, _ in modes:
+        m.eval()
+    try:
+        part = _score(model, loader, device, lpips_fn, extractor, reference)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    parts = coord.gather(part)
+    if parts is None:
+        return None
+    # ranks hold consecutive runs of images: rank order is image order
+    per_image = np.concatenate([p["per_image"] for p in parts])
+    out = {k: float(per_image[:, i].sum() / n) for i, k in enumerate(PER_IMAGE)}
     if lpips_fn is None:
         out.pop("lpips")
     if extractor is not None:
-        real, fake = torch.cat(real_feats).numpy(), torch.cat(fake_feats).numpy()
+        real, fake = (np.concatenate([p[side] for p in parts]) for side in ("real", "fake"))
         out["rfid"] = frechet_distance(*feature_stats(real), *feature_stats(fake))
     out["num_images"] = n
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aligntok.config import Params
 from aligntok.io import write_bytes_atomic, write_json_atomic
+from aligntok.tracking.keys import final_metric_keys
 
 OUTPUTS = Path("outputs")
 CHECKPOINTS = Path("checkpoints")
@@ -67,7 +68,8 @@ def split_numbers(d: dict) -> tuple[dict, dict]:
 
 def write_metrics(stage: str, metrics: dict, tracker=None, step: int | None = None, path: Path | None = None) -> Path:
     """The stage's DVC metrics file, numbers only, with strings (labels, backbones, hashes) in protocol_path(stage);
-    always written, so a tracking outage loses nothing; its top-level numbers go to MLflow. An explicit `path`
+    always written, so a tracking outage loses nothing; its top-level numbers go to MLflow, under the keys
+    `final_metric_keys` gives (a tokenizer stage's as val_<name>, off its training curves). An explicit `path`
     (a one-off outside the DAG) gets everything in one file."""
     numbers, rest = split_numbers(metrics)
     if path is not None:
@@ -77,7 +79,8 @@ def write_metrics(stage: str, metrics: dict, tracker=None, step: int | None = No
         write_json_atomic(path, numbers)
         write_json_atomic(protocol_path(stage), rest)
     if tracker is not None:
-        tracker.log_metrics({k: v for k, v in numbers.items() if not isinstance(v, dict)}, step=step)
+        top = {k: v for k, v in numbers.items() if not isinstance(v, dict)}
+        tracker.log_metrics(final_metric_keys(stage, top), step=step)
     return path
 
 

@@ -7,8 +7,9 @@ beside them instead (`sample_s_per_image`: seconds per sample on one rank, so N 
 N x that / R) with this run's bookkeeping under `run`.
 
 Under torchrun (launcher.nproc_per_node > 1) ranks split the sample parts (`aligntok.eval.parts`: resumable,
-kept under checkpoints/evaluate for the current DiT) and the reference statistics (`aligntok.eval.reference`);
-each rank samples and extracts features on its own device; rank 0 scores.
+kept under checkpoints/evaluate for the current DiT), the reference statistics (`aligntok.eval.reference`) and the
+tokenizer's val images (`aligntok.eval.reconstruction`); each rank samples, reconstructs and extracts features on its
+own device; rank 0 scores.
 """
 from __future__ import annotations
 
@@ -138,21 +139,20 @@ def recon_grid(tokenizer, dataset, device, n: int = 10):
     return Image.fromarray(np.concatenate(rows, axis=0))
 
 
-def recon_metrics(params: Params, extractor, device) -> dict:
-    from aligntok.data.dataset import ShardDataset
-    from aligntok.eval.reconstruction import reconstruction_metrics
-    from aligntok.losses import build_lpips
-    from aligntok.models.tokenizer import AlignTokenizer
-
-    tokenizer = AlignTokenizer.from_pretrained(tokenizer_dir(3)).to(device).eval()
-    stage1 = AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(device).eval()
+def recon_metrics(params: Params, extractor, device, coord) -> dict | None:
+    """The final tokenizer's reconstruction numbers, each rank measuring its share of the val images; on rank 0 with
+    the reconstruction grid and the linear probe (None elsewhere)."""
+    from aligntok.data.dataset import ShardDataset, loader_workers
     from aligntok.eval.probe import linear_probe
+    from aligntok.stages.tokenizer import load_tokenizer, measure
+
+    tokenizer = load_tokenizer(3, device)
+    workers = loader_workers(params.data.num_workers, params.launcher.nproc_per_node)
+    out = measure(params, tokenizer, 3, device, coord, workers, extractor=extractor)
+    if not coord.is_main:
+        return None
     val = ShardDataset(data_dir(params), "val")
     recon_grid(tokenizer, val, device).save(EVAL_DIR / "reconstructions.png")
-    out = reconstruction_metrics(
-        tokenizer, val, num_images=params.tokenizer.eval_images,
-        device=device, lpips_fn=build_lpips(params.lpips.net, params.lpips.pretrained_backbone).to(device),
-        extractor=extractor, reference=stage1)
     train = ShardDataset(data_dir(params), "train")
     return {**out, **linear_probe(tokenizer, train, val, train.num_classes, device,
                                   per_class=params.eval.probe_per_class, seed=params.seed)}
@@ -183,9 +183,9 @@ def evaluate(params: Params, args, dist) -> int:
             protocol.update(external)
         else:
             metrics, run = sample_and_score(params, dist, coord, extractor, ref, judge, tracker)
+        recon = recon_metrics(params, extractor, dist.device, coord)
         if not coord.is_main:
             return 0
-        recon = recon_metrics(params, extractor, dist.device)
         protocol["recon_images"] = recon.pop("num_images")
         d = params.data
         protocol["recon_source"] = (f"data.val_root {d.val_root}" if d.val_root else

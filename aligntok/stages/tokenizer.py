@@ -212,9 +212,8 @@ def export_discriminator(recipe: TokenizerRecipe, stage: int, trained: bool) -> 
 
 def run(params: Params, args) -> int:
     from aligntok.data.dataset import ShardDataset, loader_workers
-    from aligntok.eval.reconstruction import reconstruction_metrics
+    from aligntok.eval.coord import Coord
     from aligntok.losses import build_lpips
-    from aligntok.models.tokenizer import AlignTokenizer
 
     stage = int(args.stage[-1])
     name = f"tokenizer-stage{stage}"
@@ -225,36 +224,32 @@ def run(params: Params, args) -> int:
     dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     torch.manual_seed(params.seed + 1000 * stage + dist.rank)
     model = build_stage_model(params, stage).to(dist.device)
-    target = None
-    if stage == 2:
-        target = AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device).eval().requires_grad_(False)
+    target = load_tokenizer(1, dist.device) if stage == 2 else None
     lpips_fn = build_lpips(params.lpips.net, params.lpips.pretrained_backbone).to(dist.device)
-    t = params.tokenizer
     recipe, disc_init = stage_recipe(params, stage, model, target, lpips_fn, dist.device)
     train_set = ShardDataset(data_dir(params), "train")
     config_hash = state_hash(params.result_hash(f"tokenizer.stage{stage}", "encoder", "lpips", "data"),
                              tokenizer_config(params), input_hash(params, stage), params.seed)
     ckpt_dir = CHECKPOINTS / name
     resume = find_checkpoint(ckpt_dir, config_hash)
+    workers = loader_workers(params.data.num_workers, params.launcher.nproc_per_node)
     with stage_run(params, name, resume.run_id if resume else None) as tracker:
         if cfg.steps == 0:  # pass-through: the previous stage's model, unchanged
             result = {"ema": {}, "history": [], "step": 0}
         else:
             result = train(recipe, train_set, cfg, dist=dist, ckpt_dir=ckpt_dir, config_hash=config_hash,
                            seed=params.seed + stage, tracker=tracker, resume=resume, hflip=params.data.hflip,
-                           num_workers=loader_workers(params.data.num_workers, params.launcher.nproc_per_node),
-                           stop_after=_stop_after(), desc=name)
+                           num_workers=workers, stop_after=_stop_after(), desc=name)
         final = result["ema"].get("tokenizer", model) if result["ema"] else model
+        out = tokenizer_dir(stage)
         if dist.is_main:
-            out = tokenizer_dir(stage)
             final.save_pretrained(out)
             if stage < 3:
                 export_discriminator(recipe, stage, trained=cfg.steps > 0)
-            reference = target if stage == 2 else (
-                AlignTokenizer.from_pretrained(tokenizer_dir(1)).to(dist.device).eval() if stage == 3 else None)
-            metrics = reconstruction_metrics(
-                final, ShardDataset(data_dir(params), "val"), num_images=t.eval_images, device=dist.device,
-                lpips_fn=lpips_fn, extractor=feature_extractor(params), reference=reference)
+        # every rank measures its share of the val images; the numbers come back on rank 0 only
+        metrics = measure(params, final, stage, dist.device, Coord(dist.rank, dist.world_size), workers,
+                          target=target, lpips_fn=lpips_fn)
+        if dist.is_main:
             metrics["lpips_backbone"] = "pretrained" if params.lpips.pretrained_backbone else "random"
             metrics["fid_backbone"] = params.eval.fid_backbone
             metrics["feature_dim"] = params.eval.feature_dim or "default"
@@ -269,6 +264,39 @@ def run(params: Params, args) -> int:
             print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
     cleanup()
     return 0
+
+
+def load_tokenizer(stage: int, device: torch.device):
+    """Stage `stage`'s exported tokenizer, frozen, in eval mode, on `device`."""
+    from aligntok.models.tokenizer import AlignTokenizer
+    return AlignTokenizer.from_pretrained(tokenizer_dir(stage)).to(device).eval().requires_grad_(False)
+
+
+def measurement_modules(params: Params, stage: int, device: torch.device, *, target=None, lpips_fn=None,
+                        extractor=None) -> dict[str, nn.Module]:
+    """What measuring stage `stage`'s tokenizer runs besides the tokenizer, each on `device`: the FID feature
+    extractor, LPIPS, and from stage 2 on the stage-1 tokenizer the semantic cosine compares with. Modules already
+    built (stage 2's `target`, the training LPIPS, evaluate's extractor) are reused."""
+    from aligntok.losses import build_lpips
+
+    extractor = feature_extractor(params) if extractor is None else extractor
+    lpips_fn = build_lpips(params.lpips.net, params.lpips.pretrained_backbone) if lpips_fn is None else lpips_fn
+    mods = {"extractor": extractor.to(device).eval(), "lpips_fn": lpips_fn.to(device)}
+    if stage > 1:
+        mods["reference"] = load_tokenizer(1, device) if target is None else target.to(device)
+    return mods
+
+
+def measure(params: Params, tokenizer, stage: int, device: torch.device, coord, num_workers: int,
+            **reuse) -> dict | None:
+    """rFID, PSNR, SSIM, LPIPS and semantic cosine of `tokenizer` on the first tokenizer.eval_images val images,
+    split over the ranks of `coord`; the metrics on rank 0, None elsewhere. `reuse`: see `measurement_modules`."""
+    from aligntok.data.dataset import ShardDataset
+    from aligntok.eval.reconstruction import reconstruction_metrics
+
+    return reconstruction_metrics(tokenizer, ShardDataset(data_dir(params), "val"),
+                                  num_images=params.tokenizer.eval_images, device=device, coord=coord,
+                                  num_workers=num_workers, **measurement_modules(params, stage, device, **reuse))
 
 
 def _stop_after() -> int | None:
