@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from aligntok.config import Params
+from aligntok.tracking.keys import final_metric_keys
 from aligntok.tracking.pipeline import end_parent_run
 from aligntok.tracking.uri import redact, tracking_uri
 
@@ -67,7 +68,7 @@ def _record(client, parent: str, status: str, workdir: Path, stages: list[str] |
             ran[child.data.tags["stage"]] = child.info.run_id
             client.set_tag(child.info.run_id, "outs_hash", hashes[child.data.tags["stage"]])
     for stage in hashes.keys() - ran.keys():
-        _restored_child(client, exp, run, stage, hashes[stage], stage_numbers(workdir, stage))
+        _restored_child(client, exp, run, stage, hashes[stage], final_metric_keys(stage, stage_numbers(workdir, stage)))
     if status == "FINISHED":  # a failed pipeline's workdir may hold older metrics files (git-tracked)
         now = int(time.time() * 1000)
         final = {(k if stage == FINAL_STAGE else f"{stage}/{k}"): v
