@@ -2,9 +2,9 @@
 
 The reader maps a global row index to (shard, row group, offset) from parquet footers alone (no image bytes;
 O(number of row groups) memory). A row is served from a small LRU cache of row groups (`cache` of them per
-process, 4 by default) and files (`max_open`); every open, read and hit is counted in `counters`, so tests and
-benchmarks can check the bound instead of trusting it. Each process (DDP rank, DataLoader worker) has its own
-cache: file handles and cached row groups are dropped when the reader is pickled or used after a fork.
+process, 4 by default) and files (`max_open`); every open, read (and its bytes) and hit is counted in `counters`,
+so tests and benchmarks can check the bound instead of trusting it. Each process (DDP rank, DataLoader worker) has
+its own cache: file handles and cached row groups are dropped when the reader is pickled or used after a fork.
 
 Shards from before row groups were bounded (one row group per shard) are still read when each row group is
 under `MAX_ROW_GROUP_BYTES`; larger ones are refused with a one-line DataError (re-run `aligntok prepare`).
@@ -61,7 +61,7 @@ class RowGroupReader:
         self._group = np.asarray(groups, dtype=np.int32)
         self._start = np.concatenate([[0], np.cumsum(self.row_group_sizes)]).astype(np.int64)
         self.num_rows = int(self._start[-1])
-        self.counters = {"opens": 0, "reads": 0, "hits": 0, "peak_cached": 0, "peak_open": 0,
+        self.counters = {"opens": 0, "reads": 0, "bytes_read": 0, "hits": 0, "peak_cached": 0, "peak_open": 0,
                          "peak_cached_bytes": 0}
         self._reset()
 
@@ -137,6 +137,7 @@ class RowGroupReader:
             raise DataError(f"{path}: unreadable row group {self._group[g]} "
                             f"({str(e).splitlines()[0][:120]}); re-run `aligntok prepare`") from None
         self.counters["reads"] += 1
+        self.counters["bytes_read"] += table.nbytes
         return table
 
     def rows(self, indices) -> list[dict]:

@@ -6,11 +6,13 @@ says how many it reused. A shard is written to a temp name and renamed into plac
 leaves a file that looks finished; a failed write stops the stage with one line naming the shard.
 Shard k holds images [k * shard_rows, (k + 1) * shard_rows) whatever the world size, so the cache (names and bytes)
 is the same on 1 GPU or 16, and a resume on another GPU count reuses every finished shard. Each rank encodes a
-contiguous run of shards, streaming it a row group at a time; rank 0 then computes latent_stats over all shards and
-hard-links the finished cache into outputs/latents, where `LatentDataset` memory-maps it.
+contiguous run of shards, its loader processes (`data.num_workers`; null = this rank's share of the CPUs it may
+use) decoding a row group at a time while the tokenizer encodes; rank 0 then computes latent_stats over all shards
+and hard-links the finished cache into outputs/latents, where `LatentDataset` memory-maps it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -21,6 +23,7 @@ from safetensors import safe_open
 
 from aligntok.config import Params
 from aligntok.data.latents import MANIFEST, compute_stats
+from aligntok.data.shards import ROW_GROUP_ROWS
 from aligntok.fingerprint import tokenizer_hash
 from aligntok.io import replace_dir, write_json_atomic, write_safetensors_atomic
 from aligntok.progress import progress
@@ -28,6 +31,8 @@ from aligntok.stages.common import CHECKPOINTS, LATENTS_DIR, data_dir, tokenizer
 from aligntok.train.dist import barrier, cleanup, init_distributed
 from aligntok.train.loop import bf16_autocast
 from aligntok.tracking import stage_run
+
+LOAD_ROWS = ROW_GROUP_ROWS  # images a loader process decodes at a time: one stored row group
 
 
 def _shard_done(path: Path, tok_hash: str, block: list[int]) -> bool:
@@ -57,43 +62,61 @@ def rank_shards(n: int, shard_rows: int, rank: int, world_size: int) -> range:
     return contiguous_part(-(-n // shard_rows), rank, world_size)
 
 
+def image_batches(dataset, batches: list[list[int]], num_workers: int, device: torch.device):
+    """(images on `device`, labels) of each index list of `batches`, in order, the same tensors for any worker
+    count: `num_workers` loader processes (0: this one) decode a stored row group (`LOAD_ROWS`) at a time, each
+    group read once, into pinned memory on CUDA; the pieces of a batch are copied over and joined there."""
+    pieces = [rows[c:c + LOAD_ROWS] for rows in batches for c in range(0, len(rows), LOAD_ROWS)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=pieces, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator())  # keeps the global RNG untouched
+    loaded = iter(loader)
+    for rows in batches:
+        parts = [next(loaded) for _ in range(-(-len(rows) // LOAD_ROWS))]
+        yield (torch.cat([x.to(device, non_blocking=True) for x, _ in parts]),
+               [y for _, labels in parts for y in labels.tolist()])
+
+
 @torch.no_grad()
 def encode_split(tokenizer, dataset, shards: range, out_dir: Path, *, shard_rows: int, batch_size: int,
-                 hflip: bool, tok_hash: str, device: torch.device,
+                 hflip: bool, tok_hash: str, device: torch.device, num_workers: int = 0,
                  show_progress: bool = True) -> tuple[list[dict], int, int]:
-    """Encode shards `shards` of `dataset` (see `shard_rows_of`); returns (shard records, images encoded,
-    finished shards reused from an earlier run)."""
-    records, encoded, reused = [], 0, 0
-    for k in shards:  # temp files of a killed run
-        for stale in out_dir.glob(f".{shard_name(k)}.*.tmp"):
+    """Encode shards `shards` of `dataset` (see `shard_rows_of`) with images decoded by `num_workers` loader
+    processes; returns (shard records, images encoded, finished shards reused from an earlier run)."""
+    records, todo, encoded = [], [], 0
+    for k in shards:
+        for stale in out_dir.glob(f".{shard_name(k)}.*.tmp"):  # temp files of a killed run
             stale.unlink(missing_ok=True)
-    for k in progress(shards, desc="cache-latents shards", enabled=show_progress):
         block = shard_rows_of(k, len(dataset), shard_rows)
-        path = out_dir / shard_name(k)
-        if _shard_done(path, tok_hash, block):
-            reused += 1
-        else:
+        records.append({"file": shard_name(k), "rows": len(block)})
+        if not _shard_done(out_dir / shard_name(k), tok_hash, block):
+            todo.append((k, block))
+    bar = progress(total=len(shards), desc="cache-latents shards", enabled=show_progress)
+    bar.update(len(shards) - len(todo))
+    batches = [[block[b:b + batch_size] for b in range(0, len(block), batch_size)] for _, block in todo]
+    with contextlib.closing(image_batches(dataset, [r for bs in batches for r in bs], num_workers, device)) as it:
+        for (k, block), shard_batches in zip(todo, batches):
             zs, zfs, labels = [], [], []
-            for b in range(0, len(block), batch_size):
-                items = [dataset[i] for i in block[b:b + batch_size]]
-                x = torch.stack([it[0] for it in items]).to(device)
+            for _ in shard_batches:
+                x, y = next(it)
                 with bf16_autocast(device):  # CUDA only: CPU caches stay bit-identical
                     zs.append(tokenizer.encode(x).float().cpu())
                     if hflip:
                         zfs.append(tokenizer.encode(x.flip(-1)).float().cpu())
-                labels += [it[1] for it in items]
-                encoded += len(items)
+                labels += y
+                encoded += len(y)
             tensors = {"latents": torch.cat(zs), "labels": torch.tensor(labels, dtype=torch.int64),
                        "indices": torch.tensor(block, dtype=torch.int64)}
             if hflip:
                 tensors["latents_flip"] = torch.cat(zfs)
-            write_safetensors_atomic(path, tensors, metadata={"tokenizer_hash": tok_hash})
-        records.append({"file": path.name, "rows": len(block)})
-    return records, encoded, reused
+            write_safetensors_atomic(out_dir / shard_name(k), tensors, metadata={"tokenizer_hash": tok_hash})
+            bar.update(1)
+    bar.close()
+    return records, encoded, len(shards) - len(todo)
 
 
 def run(params: Params, args) -> int:
-    from aligntok.data.dataset import ShardDataset
+    from aligntok.data.dataset import ShardDataset, loader_workers
     from aligntok.data.shards import read_manifest
     from aligntok.models.tokenizer import AlignTokenizer
 
@@ -112,7 +135,9 @@ def run(params: Params, args) -> int:
         mine = rank_shards(len(dataset), per_shard, dist.rank, dist.world_size)
         records, encoded, reused = encode_split(tokenizer, dataset, mine, work, shard_rows=per_shard,
                                                 batch_size=params.latents.batch_size, hflip=params.latents.hflip,
-                                                tok_hash=tok_hash, device=dist.device, show_progress=dist.is_main)
+                                                tok_hash=tok_hash, device=dist.device, show_progress=dist.is_main,
+                                                num_workers=loader_workers(params.data.num_workers,
+                                                                           params.launcher.nproc_per_node))
         if reused:
             print(f"cache-latents: rank {dist.rank} reused {reused} of {len(records)} finished shards from {work}",
                   flush=True)
