@@ -62,6 +62,16 @@ def rank_images(n: int, batch_size: int, rank: int, world_size: int) -> range:
     return range(min(n, batches.start * batch_size), min(n, batches.stop * batch_size))
 
 
+def rank_loader(dataset, indices, batch_size: int, coord, device: torch.device,
+                num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A loader of this rank's share of `dataset[i] for i in indices` (a list or range): its `rank_images`, in order,
+    in whole batches of `batch_size`, decoded by `num_workers` workers (none for an empty share), pinned for CUDA."""
+    mine = rank_images(len(indices), batch_size, coord.rank, coord.world_size)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices[mine.start:mine.stop]),
+                                       batch_size=batch_size, num_workers=num_workers if len(mine) else 0,
+                                       pin_memory=device.type == "cuda")
+
+
 PER_IMAGE = ("psnr", "ssim", "lpips", "semantic_cosine")
 
 
@@ -111,10 +121,7 @@ def reconstruction_metrics(model, dataset, *, num_images: int, device: torch.dev
 
     coord = coord if coord is not None else Coord()
     n = min(num_images, len(dataset))
-    mine = rank_images(n, batch_size, coord.rank, coord.world_size)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                         num_workers=num_workers if len(mine) else 0,
-                                         pin_memory=device.type == "cuda")
+    loader = rank_loader(dataset, range(n), batch_size, coord, device, num_workers)
     modes = [(m, m.training) for m in (model, reference) if m is not None]
     for m, _ in modes:
         m.eval()

@@ -132,7 +132,10 @@ def recon_grid(tokenizer, dataset, device, n: int = 10):
     from PIL import Image
 
     from aligntok.generate import to_uint8_nhwc
-    x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
+    k = min(n, len(dataset))
+    # one batch: a ShardDataset reads each row group it touches once
+    x, _ = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(k)), batch_size=k)))
+    x = x.to(device)
     with torch.no_grad():
         rec = tokenizer.decode(tokenizer.encode(x)).float().clamp(-1, 1)
     rows = [np.concatenate(list(to_uint8_nhwc(t)), axis=1) for t in (x, rec)]
@@ -140,8 +143,8 @@ def recon_grid(tokenizer, dataset, device, n: int = 10):
 
 
 def recon_metrics(params: Params, extractor, device, coord) -> dict | None:
-    """The final tokenizer's reconstruction numbers, each rank measuring its share of the val images; on rank 0 with
-    the reconstruction grid and the linear probe (None elsewhere)."""
+    """The final tokenizer's reconstruction numbers and linear probe, each rank measuring and encoding its share of
+    the images; on rank 0 with the reconstruction grid (None elsewhere)."""
     from aligntok.data.dataset import ShardDataset, loader_workers
     from aligntok.eval.probe import linear_probe
     from aligntok.stages.tokenizer import load_tokenizer, measure
@@ -149,13 +152,13 @@ def recon_metrics(params: Params, extractor, device, coord) -> dict | None:
     tokenizer = load_tokenizer(3, device)
     workers = loader_workers(params.data.num_workers, params.launcher.nproc_per_node)
     out = measure(params, tokenizer, 3, device, coord, workers, extractor=extractor)
+    train, val = (ShardDataset(data_dir(params), split) for split in ("train", "val"))
+    probe = linear_probe(tokenizer, train, val, train.num_classes, device, per_class=params.eval.probe_per_class,
+                         seed=params.seed, coord=coord, num_workers=workers)
     if not coord.is_main:
         return None
-    val = ShardDataset(data_dir(params), "val")
     recon_grid(tokenizer, val, device).save(EVAL_DIR / "reconstructions.png")
-    train = ShardDataset(data_dir(params), "train")
-    return {**out, **linear_probe(tokenizer, train, val, train.num_classes, device,
-                                  per_class=params.eval.probe_per_class, seed=params.seed)}
+    return {**out, **probe}
 
 
 def evaluate(params: Params, args, dist) -> int:
