@@ -112,7 +112,8 @@ def dit_case(steps: int, log_every: int, device: torch.device):
     from aligntok.models.dit import build_dit
     from aligntok.stages.dit import DitRecipe
 
-    cfg = ci_params([f"dit.steps={steps}", f"dit.log_every={log_every}", "dit.batch_size=8"]).dit
+    cfg = ci_params([f"dit.steps={steps}", f"dit.log_every={log_every}", "dit.batch_size=8",
+                     "dit.probe_every=0"]).dit  # no judge here: a probe would only add a read of its own
     n, channels, size, classes = 32, 32, 2, 10
     model = build_dit(cfg.model, input_size=size, in_channels=channels, num_classes=classes).to(device)
     stats = {"mean": [0.0] * channels, "std": [1.0] * channels}
