@@ -36,9 +36,9 @@ def resolve_lpips_weights(net: str = "vgg", pretrained_backbone: bool = True) ->
     url = torchvision.models.get_weight(f"{_TORCHVISION_WEIGHTS[net]}.IMAGENET1K_V1").url
     trunk = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if not cached_download(url, trunk):
-        raise LPIPSError(f"lpips.pretrained_backbone: the torchvision {net} trunk {trunk.name} is not in {trunk.parent} "
-                         f"and cannot be downloaded; put it there ({url}), or set lpips.pretrained_backbone=false for "
-                         f"an offline random backbone (not a perceptual metric)")
+        raise LPIPSError(f"lpips.pretrained_backbone: the torchvision {net} trunk {trunk.name} is not in "
+                         f"{trunk.parent} and cannot be downloaded; put it there ({url}), or set "
+                         f"lpips.pretrained_backbone=false for an offline random backbone (not a perceptual metric)")
     return [heads, trunk]
 
 

@@ -63,7 +63,8 @@ def _lpips(p: Params) -> str:
 
 def _features(p: Params) -> str:
     from aligntok.eval.features import resolve_feature_weights
-    return f"{p.eval.fid_backbone}: {resolve_feature_weights(p.eval.fid_backbone, p.eval.inception_weights) or 'seeded random init'}"
+    path = resolve_feature_weights(p.eval.fid_backbone, p.eval.inception_weights)
+    return f"{p.eval.fid_backbone}: {path or 'seeded random init'}"
 
 
 def weight_needs(stage: str, params: Params) -> dict[str, Callable[[], str]]:

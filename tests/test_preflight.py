@@ -109,7 +109,8 @@ def test_hub_encoder_resolves_to_the_cached_file_that_build_encoder_loads(tmp_pa
         "import torch; from aligntok.models.encoder import build_encoder, resolve_encoder_weights\n"
         "print(resolve_encoder_weights('test_vit', 'hub'))\n"
         "enc = build_encoder('test_vit', 'hub', 64)\n"
-        f"print(torch.equal(enc.backbone.state_dict()['blocks.0.attn.qkv.weight'], torch.load(r'{tmp_path / 'qkv.pt'}')))\n")
+        f"qkv = torch.load(r'{tmp_path / 'qkv.pt'}')\n"
+        "print(torch.equal(enc.backbone.state_dict()['blocks.0.attn.qkv.weight'], qkv))\n")
     proc = subprocess.run([sys.executable, "-c", script], env=_offline_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr

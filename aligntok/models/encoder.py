@@ -14,6 +14,7 @@ from aligntok.weights import offline as weights_offline
 LATENT_STRIDE = 16  # the paper's latent grid: image_size / 16 per side
 LATENT_STRIDES = (8, 16)  # 8: the smoke profile's 64 px images get an 8x8 grid (a CNN's stride-8 map)
 EFFICIENTNET_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader tries, in its order
 
 
 class EncoderLoadError(RuntimeError):
@@ -169,6 +170,8 @@ def resolve_encoder_weights(arch: str, pretrained: str) -> Path | None:
 
 
 def _hub_file(arch: str) -> Path:
+    """The file timm.create_model(arch, pretrained=True) would load, chosen by timm's own (private, timm 1.0)
+    source resolution: a timm that renames it fails here, before step 0, not in the middle of a stage."""
     from huggingface_hub.errors import RemoteEntryNotFoundError
     from timm.models import get_pretrained_cfg
     from timm.models._builder import _resolve_pretrained_source
@@ -177,8 +180,9 @@ def _hub_file(arch: str) -> Path:
     cfg = get_pretrained_cfg(arch)
     source, loc = _resolve_pretrained_source(cfg.to_dict()) if cfg is not None else ("", "")
     if source == "hf-hub":
-        repo, names = (loc[0], [loc[1]]) if isinstance(loc, tuple) else (loc, ["model.safetensors", "pytorch_model.bin"])
-        for name in names[:-1]:  # timm's order: the safetensors file when the repo has one
+        # timm's order: the file the pretrained cfg names, else model.safetensors when the repo has one, else .bin
+        repo, names = (loc[0], [loc[1]]) if isinstance(loc, tuple) else (loc, [*HUB_FILES])
+        for name in names[:-1]:
             try:
                 return Path(download_from_hf(repo, name))
             except RemoteEntryNotFoundError:
