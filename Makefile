@@ -118,7 +118,11 @@ bench: $(STAMP)
 clean:
 	rm -rf outputs checkpoints data mlflow.db mlartifacts
 
-# One prepared GPU measurement (DiT train/sample, tokenizer stage 2); without CUDA it exits 0 with one line.
+# One prepared GPU measurement of what a first paper-profile run needs (README, "Benchmarks"), in the environment at
+# hand: nothing is installed. It runs this checkout's venv python when there is one, else python3 from PATH;
+# `make gpu-check PY=/path/to/python` runs that one. GPU_CHECK_ARGS: more options (`python -m
+# aligntok.bench.gpu_check -h`). Without CUDA it stops with one line and exit 1.
+GPU_CHECK_PY = $(if $(or $(filter command line,$(origin PY)),$(wildcard $(PY))),$(PY),python3)
 .PHONY: gpu-check
-gpu-check: $(STAMP)
-	$(PY) -m aligntok.bench.gpu_check --out outputs/gpu_check.json
+gpu-check:
+	$(GPU_CHECK_PY) -m aligntok.bench.gpu_check --out outputs/gpu_check.json $(GPU_CHECK_ARGS)
