@@ -107,17 +107,16 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor | None = None, *, table: to
 
 class Attention(nn.Module):
     """Multi-head self-attention. `heads_qkv` and `merge_heads` are its two halves, so that a joint attention over
-    several token streams (models/t2i_dit.py) can project each stream with its own weights and attend once;
-    proj=False leaves out the output projection for a stream whose attention output is never read."""
+    several token streams (models/t2i_dit.py) can project each stream with its own weights and attend once."""
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool, norm: Callable[[int], nn.Module], proj: bool = True):
+    def __init__(self, dim: int, heads: int, qk_norm: bool, norm: Callable[[int], nn.Module]):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.qk_norm = qk_norm
         self.q_norm = norm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim) if proj else None
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope: torch.Tensor | None):
         """rope: rope_table(...) of shape (N, pairs, 2), or None."""
@@ -173,13 +172,40 @@ class Block(nn.Module):
         return torch.addcmul(x, gate2.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
-def _final_layer(model: "LightningDiT", tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def final_layer(model: nn.Module, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     shift, scale = model.final_modulation(c).chunk(2, dim=1)
     return model.final_linear(modulate(model.norm_final(tokens), shift, scale))
 
 
+def unpatchify(out: torch.Tensor, patch: int, grid: int, channels: int) -> torch.Tensor:
+    """(B, grid*grid, patch*patch*channels) tokens -> (B, channels, grid*patch, grid*patch) latents."""
+    b = out.shape[0]
+    out = out.view(b, grid, grid, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)
+    return out.reshape(b, channels, grid * patch, grid * patch)
+
+
+def init_dit_weights(model: nn.Module, small: list[torch.Tensor], zero: list[nn.Linear]) -> None:
+    """LightningDiT's initialisation: xavier-uniform Linears with zero biases, the patch embedding as one Linear,
+    the embedding weights `small` from N(0, 0.02^2) (in that order), and adaLN-Zero: the `zero` layers (each
+    block's modulation) and the final layer at zero, so that every block starts as the identity, the output as 0."""
+    def basic(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    model.apply(basic)
+    w = model.x_embedder.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.bias)
+    for weight in small:
+        nn.init.normal_(weight, std=0.02)
+    for layer in [*zero, model.final_modulation[-1], model.final_linear]:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 @cache
-def _compiled(fn: Callable, mode: str | None) -> Callable:
+def compiled_fn(fn: Callable, mode: str | None) -> Callable:
     return torch.compile(fn, mode=mode)
 
 
@@ -239,25 +265,8 @@ class LightningDiT(nn.Module):
         self.compile_mode, self.compiled = mode, True
 
     def initialize_weights(self):
-        def basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.apply(basic)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.y_embedder.weight, std=0.02)
-        for layer in (self.t_embedder[0], self.t_embedder[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity, the output as zero
-        for blk in self.blocks:
-            nn.init.zeros_(blk.adaLN_modulation[-1].weight)
-            nn.init.zeros_(blk.adaLN_modulation[-1].bias)
-        for layer in (self.final_modulation[-1], self.final_linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        init_dit_weights(self, [self.y_embedder.weight, self.t_embedder[0].weight, self.t_embedder[2].weight],
+                         [blk.adaLN_modulation[-1] for blk in self.blocks])
 
     def drop_labels(self, y: torch.Tensor) -> torch.Tensor:
         if self.training and self.class_dropout_prob > 0:
@@ -266,22 +275,17 @@ class LightningDiT(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(timestep_embedding(t)) + self.y_embedder(self.drop_labels(y))
-        run = _compiled(Block.forward, self.compile_mode) if self.compiled else Block.__call__
-        final = _compiled(_final_layer, self.compile_mode) if self.compiled else _final_layer
+        run = compiled_fn(Block.forward, self.compile_mode) if self.compiled else Block.__call__
+        final = compiled_fn(final_layer, self.compile_mode) if self.compiled else final_layer
         remat = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
             if remat:  # non-reentrant: works with DDP, autocast and inputs that need no grad
                 tokens = checkpoint(run, blk, tokens, c, self.rope, use_reentrant=False)
             else:
                 tokens = run(blk, tokens, c, self.rope)
-        out = final(self, tokens, c)
-        p, g = self.patch_size, self.grid
-        out = out.view(b, g, g, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
-        out = out.reshape(b, self.out_channels, g * p, g * p)
-        return out[:, : self.in_channels]
+        return unpatchify(final(self, tokens, c), self.patch_size, self.grid, self.out_channels)[:, : self.in_channels]
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          cfg_channels: int | None = None) -> torch.Tensor:
