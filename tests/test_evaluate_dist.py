@@ -104,7 +104,8 @@ def one_rank(workdir, tmp_path_factory) -> tuple[Path, float]:
 
 
 SCORES = ["gfid", "is", "precision", "recall", "gfid_cfg", "is_cfg", "precision_cfg", "recall_cfg", "rfid", "psnr",
-          "ssim", "lpips", "semantic_cosine", "fd_judge", "class_acc_judge", "fd_judge_cfg", "class_acc_judge_cfg"]
+          "ssim", "lpips", "semantic_cosine", "fd_judge", "class_acc_judge", "fd_judge_cfg", "class_acc_judge_cfg",
+          "linear_probe_acc"]
 
 
 def assert_same_scores(a: dict, b: dict) -> None:
