@@ -76,6 +76,7 @@ def whole(n: int, batch: int) -> int:
 def specs(args: argparse.Namespace, params) -> tuple[torch.device, list[Spec]]:
     """The rows at the profile's sizes (toy sizes with --cpu-dry-run)."""
     from aligntok.bench.tokenizer import CONFIGS
+    from aligntok.data.dataset import loader_workers
     from aligntok.stages.tokenizer import tokenizer_config
 
     dry = args.cpu_dry_run
@@ -95,6 +96,8 @@ def specs(args: argparse.Namespace, params) -> tuple[torch.device, list[Spec]]:
     device = torch.device("cpu") if dry else torch.device("cuda", 0)
     gpus = 0 if dry else torch.cuda.device_count()
     procs = 2 if dry else gpus
+    # a rank's loader workers as cache-latents gives them (data.num_workers null: its share of this node's CPUs)
+    workers = 1 if dry else loader_workers(params.data.num_workers, max(1, gpus))
     eval_steps = (1, 2) if dry else tuple(args.eval_steps)
     weights = gpu_rows.inception_file(args.inception_weights)
     eager, compiled = DitTrain(dit, latent, device), DitTrain(dit, latent, device)
@@ -109,7 +112,7 @@ def specs(args: argparse.Namespace, params) -> tuple[torch.device, list[Spec]]:
              lambda _: gpu_rows.tokenizer_stage2(tok, stage2, params.lpips.net, tok_batch, device, warmup, steps,
                                                  budget)),
         Spec("latents", "cache-latents encode", tok["encoder_arch"], latents.batch_size, f"{res} px, bf16", 45,
-             lambda _: gpu_rows.cache_latents(tok, latents, whole(images, latents.batch_size), device)),
+             lambda _: gpu_rows.cache_latents(tok, latents, whole(images, latents.batch_size), workers, device)),
         Spec("evaluate", "evaluate sample + decode", f"{dit} + decoder", ev.batch_size,
              f"{s.method} {s.steps} steps, CFG {ev.cfg_scale:g} (t >= {s.cfg_interval_start:g}, "
              f"{s.cfg_channels} ch), bf16", 60,

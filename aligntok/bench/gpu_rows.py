@@ -61,9 +61,9 @@ def tokenizer_stage2(config: dict, cfg: Stage2Config, lpips_net: str, batch: int
                      f"GAN on, EMA {'on' if ema else 'off'}, LPIPS {lpips_net} random trunk")}
 
 
-def cache_latents(config: dict, latents: LatentsConfig, images: int, device: torch.device) -> dict:
+def cache_latents(config: dict, latents: LatentsConfig, images: int, workers: int, device: torch.device) -> dict:
     """`encode_split` (what cache-latents runs on each rank) over `images` synthetic images prepared into shards,
-    decoded from PNG in this process as the stage does; one untimed batch first."""
+    decoded from PNG by `workers` loader processes as the stage does; one untimed batch first."""
     from aligntok.data.dataset import ShardDataset
     from aligntok.data.sources import prepare_dataset
     from aligntok.models.tokenizer import AlignTokenizer
@@ -85,10 +85,11 @@ def cache_latents(config: dict, latents: LatentsConfig, images: int, device: tor
         t0 = time.perf_counter()
         _, encoded, _ = encode_split(tokenizer, dataset, rank_shards(len(dataset), latents.shard_rows, 0, 1), out,
                                      shard_rows=latents.shard_rows, batch_size=b, hflip=latents.hflip,
-                                     tok_hash="gpu-check", device=device, show_progress=False)
+                                     tok_hash="gpu-check", device=device, num_workers=workers,
+                                     show_progress=False)
         seconds = time.perf_counter() - t0
     return {"img_per_s": encoded / seconds, "s_per_step": seconds / -(-encoded // b), "timed_steps": -(-encoded // b),
-            "note": (f"{encoded} synthetic {res}-px images from PNG shards, in this process"
+            "note": (f"{encoded} synthetic {res}-px images from PNG shards, {workers} loader worker(s)"
                      f"{', each also flipped (latents.hflip)' if latents.hflip else ''}; shard written")}
 
 
