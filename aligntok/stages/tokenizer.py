@@ -77,15 +77,15 @@ def carry_discriminator(recipe: "TokenizerRecipe", directory: Path) -> bool:
     return True
 
 
-def encoder_grad_ratio(numerator: torch.Tensor, denominator: torch.Tensor, module: nn.Module) -> float:
+def encoder_grad_ratio(numerator: torch.Tensor, denominator: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """||d numerator / d theta|| / ||d denominator / d theta|| over the trainable parameters theta of `module` (2-norms
-    over all of them together); the graph is kept for the step's own backward."""
+    over all of them together), a 0-d tensor left on the device; the graph is kept for the step's own backward."""
     params = [p for p in module.parameters() if p.requires_grad]
 
     def norm(loss):
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads if g is not None]))
-    return float(norm(numerator) / norm(denominator))
+    return (norm(numerator) / norm(denominator)).detach()
 
 
 class TokenizerRecipe:
@@ -104,6 +104,10 @@ class TokenizerRecipe:
                 lr = getattr(cfg, "encoder_lr", cfg.lr) if name == "encoder" and kind == "aligntok" else cfg.lr
                 groups.append({"params": list(getattr(model, name).parameters()), "lr": lr, "name": name})
         betas, device = (cfg.beta1, cfg.beta2), next(model.parameters()).device
+        if device.type == "cuda":  # NHWC, the tensor cores' own layout, for the conv nets; the CPU keeps NCHW
+            model.decoder.to(memory_format=torch.channels_last)
+            if discriminator is not None:
+                discriminator.to(memory_format=torch.channels_last)
         self._opts = {"generator": adamw(groups, device, betas=betas, weight_decay=cfg.weight_decay)}
         if discriminator is not None and cfg.disc_weight > 0:
             self._opts["discriminator"] = adamw(discriminator.parameters(), device, lr=cfg.disc_lr,
@@ -143,7 +147,7 @@ class TokenizerRecipe:
             if (step + 1) % self.cfg.log_every == 0:  # on the steps whose window is logged: 2 extra backward passes
                 logs["sp_grad_ratio"] = encoder_grad_ratio(weight * sp, g_loss, self.model.encoder)
             g_loss = g_loss + weight * sp
-            logs["semantic_preservation"] = float(sp.detach())
+            logs["semantic_preservation"] = sp.detach()
         for p in disc_params:
             p.requires_grad_(True)
         losses = {"generator": g_loss}
@@ -151,7 +155,7 @@ class TokenizerRecipe:
             d_loss, d_logs = self.loss_fn.discriminator_loss(x, x_rec.detach(), step)
             losses["discriminator"] = d_loss
             logs.update(d_logs)
-        logs["loss"] = float(g_loss.detach())
+        logs["loss"] = g_loss.detach()  # logs stay on the device: the loop reads them once per log window
         return losses, logs
 
     @torch.no_grad()
