@@ -103,7 +103,7 @@ def test_a_rank_slice_reads_fewer_row_groups_than_strided_positions(data):
     assert after["bytes_read"] >= after["bytes_used"]
 
 
-@pytest.mark.slow  # prepares 1,000 images and starts loader processes: ~40 s on 2 cores
+@pytest.mark.slow  # prepares 600 images and starts loader processes: ~50 s on 2 busy cores
 def test_bench_loader_quick_reports_both_loaders_before_and_after(tmp_path):
     out = tmp_path / "loader.json"
     proc = subprocess.run([sys.executable, "-m", "aligntok.cli", "bench", "loader", "--quick", "--out", str(out)],
