@@ -85,7 +85,7 @@ def test_gpu_check_stops_in_one_line_without_cuda(monkeypatch, capsys, tmp_path)
     args = gpu_check.parse_args(["--batches", "8", "16", "--skip-compile", "--out", str(tmp_path / "g.json")])
     assert args.batches == [8, 16] and args.skip_compile and args.steps == 5
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main(["--out", str(tmp_path / "g.json")]) == 0
+    assert gpu_check.main(["--out", str(tmp_path / "g.json")]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "needs a CUDA GPU" in out[0]
     assert not (tmp_path / "g.json").exists()

@@ -19,6 +19,13 @@ from aligntok.models.tokenizer import AlignTokenizer
 from aligntok.stages.latents import encode_split
 
 
+def _tiny_tokenizer() -> AlignTokenizer:
+    torch.manual_seed(0)
+    return AlignTokenizer({"kind": "aligntok", "encoder_arch": "tf_efficientnet_lite0", "encoder_pretrained": "none",
+                           "image_size": 32, "latent_channels": 4, "size": "tiny", "kl": False,
+                           "adapter_hidden": 8}).eval()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("loaders") / "data"
@@ -41,10 +48,7 @@ def test_cache_latents_writes_the_same_shards_with_loader_workers_and_resumes_al
     prepare_dataset("synthetic", tmp_path / "data", root=None, resolution=32, num_images=50, num_classes=4,
                     val_fraction=0.0, shard_rows=25, seed=0, row_group_rows=8)
     ds = ShardDataset(tmp_path / "data", "train")
-    torch.manual_seed(0)
-    tok = AlignTokenizer({"kind": "aligntok", "encoder_arch": "tf_efficientnet_lite0", "encoder_pretrained": "none",
-                          "image_size": 32, "latent_channels": 4, "size": "tiny", "kl": False,
-                          "adapter_hidden": 8}).eval()
+    tok = _tiny_tokenizer()
     runs = {w: _encode(tok, ds, tmp_path / f"w{w}", w) for w in (0, 2)}
     assert runs[0] == runs[2] and runs[0][1:] == (50, 0)
 
@@ -121,3 +125,17 @@ def test_bench_loader_quick_reports_both_loaders_before_and_after(tmp_path):
                                                   2) > 1
     assert np.isclose(r["cache_latents_speedup"], decode[f"loader_{workers}_workers_img_s"]
                       / decode["main_process_one_at_a_time_img_s"], atol=0.01)
+
+
+def test_cache_latents_writes_latents_that_come_out_channels_last(tmp_path, data):
+    """A ViT encoder's feature map (DINOv2, the paper's) comes out of its reshape channels-last; the shard writer
+    refused such a tensor, so cache-latents failed on the paper profile while the CNN stand-in passed."""
+    ds = ShardDataset(data, "train")
+    tok = _tiny_tokenizer()
+    plain = _encode(tok, ds, tmp_path / "plain", 0)
+    encode = tok.encode
+    tok.encode = lambda x: encode(x).contiguous(memory_format=torch.channels_last)
+    assert not tok.encode(ds[0][0][None].repeat(2, 1, 1, 1)).is_contiguous()
+    assert _encode(tok, ds, tmp_path / "cl", 0) == plain
+    assert [p.read_bytes() for p in sorted((tmp_path / "cl").glob("*.safetensors"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "plain").glob("*.safetensors"))]

@@ -105,10 +105,11 @@ def encode_split(tokenizer, dataset, shards: range, out_dir: Path, *, shard_rows
                         zfs.append(tokenizer.encode(x.flip(-1)).float().cpu())
                 labels += y
                 encoded += len(y)
-            tensors = {"latents": torch.cat(zs), "labels": torch.tensor(labels, dtype=torch.int64),
+            # contiguous: a ViT encoder's feature map (DINOv2) comes out channels-last, and safetensors refuses that
+            tensors = {"latents": torch.cat(zs).contiguous(), "labels": torch.tensor(labels, dtype=torch.int64),
                        "indices": torch.tensor(block, dtype=torch.int64)}
             if hflip:
-                tensors["latents_flip"] = torch.cat(zfs)
+                tensors["latents_flip"] = torch.cat(zfs).contiguous()
             write_safetensors_atomic(out_dir / shard_name(k), tensors, metadata={"tokenizer_hash": tok_hash})
             bar.update(1)
     bar.close()
