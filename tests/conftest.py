@@ -36,8 +36,9 @@ SMOKE = ROOT / "profiles" / "smoke.yaml"
 
 
 # Set in os.environ by pytest itself (the running test) and by libraries as a process-wide cache of a value that
-# does not depend on the test (torch inductor's cache folder, computed once on first use).
-NOT_LEFTOVERS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+# does not depend on the test (torch inductor's cache folder, computed once on first use; the address inductor hands
+# the C++ wrapper it builds when its cache has no compiled kernel yet, so only a cold cache sets it).
+NOT_LEFTOVERS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"}
 
 
 def _process_state() -> dict:
