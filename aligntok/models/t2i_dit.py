@@ -3,11 +3,11 @@ with its own weights, one attention over both. The blocks are the class model's 
 QK-norm, adaLN-Zero, sin-cos + 2-D RoPE on the image tokens; the same flow matching, sampler, CFG interval and shift.
 
 Why joint attention, not PixArt's cross-attention:
-- Evidence. SD3 (Esser et al. 2024) trained, on equal terms, a shared-weight DiT over concatenated tokens, a
-  cross-attention DiT, UViT and MMDiT; MMDiT had the best validation loss, CLIP score and FID. The peers that
-  compare latent spaces for text-to-image train joint attention: fuse-dit's baseline (`attention: self`, 256 px,
-  kept by the REPA-E fork that compares the FLUX VAE with a tuned VAE, the comparison this task reproduces) and
-  SVG-T2I's 2.6B single-stream DiT (Lumina-Image 2.0's).
+- Evidence. SD3 (Esser et al. 2024) compared, in one controlled setting, a shared-weight DiT over concatenated
+  tokens, a cross-attention DiT, UViT and MMDiT; MMDiT had the best validation loss, CLIP score and FID. The
+  peers that compare latent spaces for text-to-image train joint attention: fuse-dit's baseline (`attention:
+  self`, 256 px, kept by the REPA-E fork that compares the FLUX VAE with a tuned VAE, the comparison this task
+  reproduces) and SVG-T2I's 2.6B single-stream DiT (Lumina-Image 2.0's).
 - Reuse. Each stream holds a models/dit.py Block's weights and calls its attention halves; the only new op is one
   masked attention over the concatenated keys. With no caption tokens the image stream is exactly dit.Block.
 - Compute at 256 px (N = 256 image tokens, L caption tokens, width d): a block costs ~12 d^2 (N + L) + 2 d (N + L)^2
@@ -32,10 +32,10 @@ fuse-dit found 1-D text + 2-D image RoPE best when text is read from inside an L
 
 CFG: caption dropout (caption_dropout_prob in training, or an explicit `drop` mask) replaces a row's caption, before
 the norm, by a learned null sequence of `null_len` tokens in the encoder's space (mask True for those, False for the
-rest of the row), as PixArt's learned caption embedding (its 120 tokens, the full T5 length; SD3 encodes the empty
-string instead). Default null_len = 1: without text positions a set of null tokens has no order, and more would
-only give the unconditional branch spare capacity. forward_with_cfg runs the caption and the null as one doubled
-batch, applies guidance inside the sampler's interval, and combines in float32 (diffusion/sampler.combine_cfg).
+rest of the row), as PixArt's learned caption embedding (its 120 tokens, the full T5 length; SD3's pipeline encodes
+an empty prompt instead). Default null_len = 1: without text positions a set of null tokens has no order, and more
+would only give the unconditional branch spare capacity. forward_with_cfg runs the caption and the null as one
+doubled batch, applies guidance inside the sampler's interval, and combines in float32 (sampler.combine_cfg).
 """
 from __future__ import annotations
 
