@@ -132,22 +132,22 @@ class ReconstructionLoss(nn.Module):
     def generator_loss(self, x, x_rec, mean, logvar, last_layer, step: int):
         l1 = (x - x_rec).abs().mean()
         nll = self.l1_weight * l1
-        logs = {"l1": float(l1.detach())}
+        logs = {"l1": l1.detach()}
         if self.lpips is not None and self.lpips_weight > 0:
             p = self.lpips(x_rec, x).mean()
             nll = nll + self.lpips_weight * p
-            logs["lpips"] = float(p.detach())
+            logs["lpips"] = p.detach()
         loss = nll
-        logs["nll"] = float(nll.detach())
+        logs["nll"] = nll.detach()
         if logvar is not None and self.kl_weight > 0:
             kl = kl_loss(mean, logvar)
             loss = loss + self.kl_weight * kl
-            logs["kl"] = float(kl.detach())
+            logs["kl"] = kl.detach()
         if self.gan_active(step):
             g = hinge_g_loss(self.discriminator(x_rec))
             d_weight = self.adaptive_weight(nll, g, last_layer)
             loss = loss + d_weight * g
-            logs.update(g_loss=float(g.detach()), d_weight=float(d_weight.detach()))
+            logs.update(g_loss=g.detach(), d_weight=d_weight.detach())
         return loss, logs
 
     def discriminator_loss(self, x, x_rec, step: int):
@@ -156,5 +156,5 @@ class ReconstructionLoss(nn.Module):
         logits_real = self.discriminator(x.detach())
         logits_fake = self.discriminator(x_rec.detach())
         d = hinge_d_loss(logits_real, logits_fake)
-        return d, {"d_loss": float(d.detach()), "logits_real": float(logits_real.detach().mean()),
-                   "logits_fake": float(logits_fake.detach().mean())}
+        return d, {"d_loss": d.detach(), "logits_real": logits_real.detach().mean(),
+                   "logits_fake": logits_fake.detach().mean()}

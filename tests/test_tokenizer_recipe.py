@@ -19,8 +19,9 @@ from tests.test_train_known_values import LinearRecipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Consumers of the stages: the CLI dispatches to them and the benchmarks time their recipes.
-STAGE_USERS = ("aligntok/cli.py", "aligntok/stages/", "aligntok/bench/")
+# Consumers of the stages: the CLI dispatches to them, the benchmarks time their recipes and preflight sizes what
+# they will build (aligntok/preflight*.py, run by the CLI before a stage).
+STAGE_USERS = ("aligntok/cli.py", "aligntok/stages/", "aligntok/bench/", "aligntok/preflight")
 
 
 def test_no_module_below_the_stages_imports_them():

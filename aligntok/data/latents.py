@@ -83,8 +83,10 @@ def stats_tensors(stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def normalize(z: torch.Tensor, stats: dict) -> torch.Tensor:
-    mean, std = stats_tensors(stats)
+def normalize(z: torch.Tensor, stats: dict | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(z - mean) / std per channel; `stats` the latent_stats dict, or its `stats_tensors` already on z's device
+    (what the training step passes: no host-to-device copy per step)."""
+    mean, std = stats if isinstance(stats, tuple) else stats_tensors(stats)
     return (z - mean.to(z)) / std.to(z)
 
 

@@ -58,10 +58,10 @@ class FlowMatching:
         target = (x1 - x0).float()
         pred = model(xt, t, y).float()
         mse = (pred - target).pow(2).mean()
-        logs = {"mse": float(mse.detach())}
+        logs = {"mse": mse.detach()}
         loss = mse
         if self.use_cosine_loss:
             cos = (1 - F.cosine_similarity(pred, target, dim=1)).mean()
             loss = loss + self.cosine_weight * cos
-            logs["cos_loss"] = float(cos.detach())
+            logs["cos_loss"] = cos.detach()
         return loss, logs

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from aligntok.config import DitConfig, Params
-from aligntok.data.latents import LatentDataset, normalize
+from aligntok.data.latents import LatentDataset, normalize, stats_tensors
 from aligntok.stages.common import (CHECKPOINTS, DIT_DIR, JUDGE_DIR, LATENTS_DIR, tokenizer_dir, write_metrics,
                                     write_plots)
 from aligntok.train.checkpoint import find_checkpoint
@@ -22,6 +22,7 @@ class DitRecipe:
 
         self.model = self.net = model
         self.stats, self.generator, self.sample_cfg = stats, generator, sample_cfg
+        self._stats_on: tuple[torch.Tensor, torch.Tensor] | None = None
         self.probe_samples, self._judge = cfg.probe_samples, None
         if cfg.probe_every and generator is not None:
             # the probe's scorer, loaded now: a missing judge stops the stage before its first step, not at a probe
@@ -46,7 +47,9 @@ class DitRecipe:
 
     def losses(self, batch, step):
         z, y = batch
-        loss, logs = self.flow.loss(self.net, normalize(z, self.stats), y, step=step)
+        if self._stats_on is None or self._stats_on[0].device != z.device:  # once: no host copy in every step
+            self._stats_on = tuple(t.to(z.device) for t in stats_tensors(self.stats))
+        loss, logs = self.flow.loss(self.net, normalize(z, self._stats_on), y, step=step)
         if self.flow.lognormal_until is not None:  # the switch is on: the curve shows when t left log-normal
             logs["t_lognormal"] = float(self.flow.sampling_at(step) == "lognormal")
         logs["loss"] = loss.detach()  # read by the loop once per log window

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from aligntok.config import TrainConfig
-from aligntok.data.order import epoch_permutation, variant_choice
+from aligntok.data.order import StepBatches
 from aligntok.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aligntok.train.dist import DistInfo
 from aligntok.train.schedule import EMA, clip_gradients, lr_lambda, unwrap
@@ -44,44 +44,6 @@ class Recipe(Protocol):
     # detached 0-d tensors, left on the device (floats for values already on the host)
     def losses(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | float]]: ...
     def preview(self, batch: Any, step: int) -> np.ndarray | None: ...  # HxWx3 uint8 grid, or None
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """Yields this rank's index lists for steps `start..steps-1`; sample p of the run is order_{p//N}[p%N].
-
-    A batch depends only on (seed, step), never on what ran before, so a resumed run sees the same data. An
-    epoch's order is a permutation of the N source images (`aligntok.data.order`): row-group-local when
-    `group_sizes` (the stored row groups) is given, so a streaming reader touches few row groups per batch. With
-    `variants` > 1 (e.g. latents cached with a flipped copy) an epoch still counts N images, and each position
-    picks one variant, as item index `variant * N + image`.
-    """
-
-    def __init__(self, n: int, batch: int, steps: int, start: int, seed: int, rank: int = 0, world: int = 1,
-                 group_sizes=None, variants: int = 1):
-        if n == 0:
-            raise ValueError("the training split is empty; prepare more images or lower data.val_fraction")
-        self.n, self.batch, self.steps, self.start, self.seed = n, batch, steps, start, seed
-        self.rank, self.world, self.group_sizes, self.variants = rank, world, group_sizes, variants
-        self._orders: dict[int, np.ndarray] = {}
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:  # one epoch kept: O(N) memory
-            order = epoch_permutation(self.n, self.seed, epoch, self.group_sizes)
-            if self.variants > 1:
-                order = order + self.n * variant_choice(self.n, self.seed, epoch, self.variants)
-            self._orders = {epoch: order}
-        return self._orders[epoch]
-
-    def indices(self, step: int) -> list[int]:
-        positions = range(step * self.batch + self.rank, (step + 1) * self.batch, self.world)
-        return [int(self._order(p // self.n)[p % self.n]) for p in positions]
-
-    def __iter__(self):
-        for step in range(self.start, self.steps):
-            yield self.indices(step)
-
-    def __len__(self) -> int:
-        return self.steps - self.start
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
