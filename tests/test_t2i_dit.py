@@ -226,20 +226,22 @@ def test_without_caption_tokens_a_joint_block_is_the_class_block():
         assert torch.equal(joint, Block.forward(blk.image, img, c, model.rope))
 
 
+def _loss_and_grads(model, x, t, text, mask):
+    """One forward/backward with one caption kept and one dropped: the loss and every parameter's gradient."""
+    model.zero_grad(set_to_none=True)
+    loss = model(x, t, text, mask, drop=torch.tensor([False, True])).square().mean()
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
 @pytest.mark.numeric
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     model = _model().train()
     x, t, text, mask = _inputs()
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(x, t, text, mask, drop=torch.tensor([False, True])).square().mean()
-        loss.backward()
-        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    plain = loss_and_grads()
+    plain = _loss_and_grads(model, x, t, text, mask)
     model.grad_checkpointing = True
-    again = loss_and_grads()
+    again = _loss_and_grads(model, x, t, text, mask)
     # recomputation re-runs the same kernels on the same inputs: bit-identical as measured; atol 1e-7 only
     # allows a kernel picking another reduction order
     assert_close(again[0], plain[0], rtol=0, atol=1e-7)
@@ -306,16 +308,10 @@ def test_compiled_blocks_give_the_same_loss_and_gradients():
     model = _model().train()
     x, t, text, mask = _inputs()
 
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(x, t, text, mask, drop=torch.tensor([False, True])).square().mean()
-        loss.backward()
-        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-    eager = loss_and_grads()
+    eager = _loss_and_grads(model, x, t, text, mask)
     keys = list(model.state_dict())
     model.compile_blocks()
-    compiled = loss_and_grads()
+    compiled = _loss_and_grads(model, x, t, text, mask)
     assert list(model.state_dict()) == keys
     # inductor fuses elementwise ops and may reorder fp32 reductions: a few ulps of O(1) values; atol 1e-5 still
     # fails on any wrong graph (errors of 1e-2 or more), as tests/test_gpu_options.py's compiled-block test
