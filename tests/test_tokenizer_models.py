@@ -174,8 +174,8 @@ def test_reconstruction_loss_and_lpips():
     x_rec, mean, logvar = model(x)
     loss, logs = loss_fn.generator_loss(x, x_rec, mean, logvar, model.decoder.last_layer, step=9)
     assert "g_loss" not in logs
-    # the loss is this sum in fp32 (the logs are its float terms): equal to ~1 ulp
-    assert loss.item() == pytest.approx(logs["l1"] + 0.5 * logs["lpips"], rel=1e-6)
+    # the loss is this sum in fp32 (the logs are its terms, detached): equal to ~1 ulp
+    assert loss.item() == pytest.approx(float(logs["l1"] + 0.5 * logs["lpips"]), rel=1e-6)
     assert loss_fn.discriminator_loss(x, x_rec, step=9)[0] is None
     loss, logs = loss_fn.generator_loss(x, x_rec, mean, logvar, model.decoder.last_layer, step=10)
     assert "g_loss" in logs
