@@ -26,12 +26,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _api(url: str, path: str, body: dict | None = None, method: str | None = None):
-    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
-                                 method=method or ("POST" if body is not None else "GET"),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
+RETRY_CODES = (429, 502, 503)  # what Prefect's own client retries: the server's database was busy, nothing was done
+
+
+def _api(url: str, path: str, body: dict | None = None, method: str | None = None, attempts: int = 5):
+    for attempt in range(attempts):
+        req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                     method=method or ("POST" if body is not None else "GET"),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:  # a 503 under load (the UI's client would retry it too)
+            if e.code not in RETRY_CODES or attempt == attempts - 1:
+                raise
+            time.sleep(2 ** attempt)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
