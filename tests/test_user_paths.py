@@ -273,7 +273,8 @@ def test_tracking_sync_replays_the_outage_journal_exactly_once(tmp_path):
     sync = ["tracking", "sync", "--params", str(ROOT / "profiles/ci.yaml")]
     # While the server is still away: one line, exit 1, and nothing marked sent.
     down = aligntok(tmp_path, *sync, env=clean_env(MLFLOW_TRACKING_URI=dead))
-    print(one_line_error(down, f"MLflow at {dead} did not take the points of {runs[0][0]}",
+    first = min(run_id for run_id, _ in runs)  # journals are sent in file-name order
+    print(one_line_error(down, f"MLflow at {dead} did not take the points of {first}",
                          "run it again when the server", code=1))
     assert [(journal / f"{run_id}.sent").read_text() for run_id, _ in runs] == ["2", "2"]
     # A second sync sends nothing. The counts printed and the .sent files are what shows a point is sent once: the

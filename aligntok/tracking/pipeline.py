@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from aligntok.config import Params
-from aligntok.tracking.uri import git_commit, param_strings, redact, source_commit, tracking_uri
+from aligntok.tracking.uri import git_commit, param_strings, redact, source_commit, tracking_uri, use_experiment
 
 PIPELINE_ROLE = "pipeline"
 
@@ -23,7 +23,7 @@ def create_parent_run(params: Params, pid: str | None = None, name: str | None =
     default this process's); `workdir` holds the pipeline's params.yaml and dvc.lock, logged under config/."""
     import mlflow
     mlflow.set_tracking_uri(tracking_uri(params))
-    mlflow.set_experiment(params.tracking.experiment)
+    use_experiment(params.tracking.experiment)
     env = os.environ if env is None else env
     pid = pid or env.get("ALIGNTOK_PIPELINE_ID") or f"pipeline-{uuid.uuid4().hex[:12]}"
     client = mlflow.MlflowClient()

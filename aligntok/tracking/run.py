@@ -19,7 +19,7 @@ from aligntok.config import Params
 from aligntok.tracking.journal import send_metrics
 from aligntok.tracking.pipeline import PIPELINE_ROLE, create_parent_run, end_parent_run
 from aligntok.tracking.uri import (_check_http, bound_http_retries, git_commit, param_strings, redact, source_commit,
-                                   tracking_uri)
+                                   tracking_uri, use_experiment)
 
 
 def _dvc_process_id() -> str | None:
@@ -79,7 +79,7 @@ class Tracker:
                 bound_http_retries()
                 _check_http(uri)
             mlflow.set_tracking_uri(uri)
-            mlflow.set_experiment(self.params.tracking.experiment)
+            use_experiment(self.params.tracking.experiment)
             self._mlflow = mlflow
             if resume_run_id:
                 run = mlflow.start_run(run_id=resume_run_id)

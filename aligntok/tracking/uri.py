@@ -28,6 +28,22 @@ def tracking_uri(params: Params) -> str:
     return (os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
             or f"sqlite:///{project_root() / 'mlflow.db'}")
 
+
+def use_experiment(name: str) -> None:
+    """mlflow.set_experiment, creating the experiment first with its artifacts in <project root>/mlruns when the
+    store is local. MLflow would put them under ./mlruns of the process that creates it: the first stage of a
+    `dvc exp run` (in .dvc/tmp/exps/<tmp>/) or of a Prefect run (in runs/<name>/), folders that are deleted
+    afterwards, and every later run's artifacts (protocol.json, models, previews) were lost with them."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    if not mlflow.get_tracking_uri().startswith(("http:", "https:", "databricks")) and \
+            mlflow.get_experiment_by_name(name) is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=(project_root() / "mlruns").resolve().as_uri())
+        except MlflowException:  # another stage process created it meanwhile
+            pass
+    mlflow.set_experiment(name)
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
