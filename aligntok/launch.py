@@ -72,6 +72,19 @@ def launch_command(launcher: LauncherConfig, argv: list[str], env: dict[str, str
     return cmd
 
 
+def nvidia_driver() -> str | None:
+    """The driver version nvidia-smi reports, or None without nvidia-smi (or when it fails)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
 def check_cuda_visible() -> None:
     """Raise GpuUnavailable when nvidia-smi lists GPUs that torch cannot use, instead of running on the CPU."""
     import torch
@@ -84,14 +97,13 @@ def check_cuda_visible() -> None:
             return
     try:
         listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60).stdout
-        driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                text=True, timeout=60).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return
+    driver = nvidia_driver()
     gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
     if gpus:
         raise GpuUnavailable(
-            f"nvidia-smi lists {len(gpus)} GPU(s) (driver {driver[0] if driver else 'unknown'}) but torch "
+            f"nvidia-smi lists {len(gpus)} GPU(s) (driver {driver or 'unknown'}) but torch "
             f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}) sees none; install the torch build for "
             "this driver, e.g. `make install CUDA=cu126` (README: Many GPUs and nodes), or set launcher.device=cpu")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,18 +125,6 @@ def data_checks(params: Params, base: Path) -> list[Check]:
     return checks
 
 
-def _driver() -> str | None:
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None
-    try:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=60).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out[0] if out else None
-
-
 def cuda_check(params: Params) -> Check:
     """torch's version and CUDA build, the driver; fails when nvidia-smi lists GPUs torch cannot use, or when
     launcher.device/nproc_per_node ask for more than torch sees (the checks every GPU entry point makes)."""
@@ -145,11 +132,11 @@ def cuda_check(params: Params) -> Check:
 
     import torch
 
-    from aligntok.launch import GpuUnavailable, _check_device, check_cuda_visible
+    from aligntok.launch import GpuUnavailable, _check_device, check_cuda_visible, nvidia_driver
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    driver = _driver()
+    driver = nvidia_driver()
     detail = (f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, driver "
               f"{driver or 'none (no nvidia-smi)'}, {gpus} GPU(s) visible to torch")
     try:
