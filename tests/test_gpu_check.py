@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from aligntok.bench.gpu_check import COLUMNS, Spec, markdown_table, run_rows
+from tests.make_run import make
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -36,8 +37,7 @@ def test_refuses_without_cuda_in_one_line(tmp_path):
 
 def test_make_gpu_check_is_one_command_in_the_given_python():
     def plan(*extra):
-        return subprocess.run(["make", "-n", "gpu-check", *extra], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip().splitlines()
+        return [line.strip() for line in make("-n", "gpu-check", *extra, check=True).stdout.splitlines()]
     assert plan("PY=/opt/env/bin/python") == [
         "/opt/env/bin/python -m aligntok.bench.gpu_check --out outputs/gpu_check.json"]
     assert plan("VENV=/nonexistent") == ["python3 -m aligntok.bench.gpu_check --out outputs/gpu_check.json"]

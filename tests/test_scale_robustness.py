@@ -15,6 +15,7 @@ import yaml
 from aligntok.config import LauncherConfig, load_params
 from aligntok.launch import launch_command
 from tests.conftest import ROOT
+from tests.make_run import make
 from tests.test_dvc_native import dvc_stages, recorded_repo  # noqa: F401 - recorded_repo is a fixture
 from tests.test_pipeline import sh
 from tests.test_user_paths import aligntok, clean_env
@@ -210,9 +211,9 @@ def test_make_install_with_a_cuda_build(tmp_path):
     pins = [d for d in __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
             if d.startswith(("torch==", "torchvision=="))]
     venv = f"VENV={tmp_path / 'venv'}"
-    plan = sh(["make", "-n", "install", "CUDA=cu126", venv], ROOT).stdout
+    plan = make("-n", "install", "CUDA=cu126", venv, check=True).stdout
     assert (f"--index-url https://download.pytorch.org/whl/cu126 {pins[0]}+cu126 {pins[1]}+cu126" in plan), plan
     assert plan.index("whl/cu126") < plan.index("-e '.[dev]'")  # the CUDA build first: the pins then hold
-    assert "download.pytorch.org" not in sh(["make", "-n", "install", venv], ROOT).stdout
-    bad = subprocess.run(["make", "-n", "install", "CUDA=cu999", venv], cwd=ROOT, capture_output=True, text=True)
+    assert "download.pytorch.org" not in make("-n", "install", venv, check=True).stdout
+    bad = make("-n", "install", "CUDA=cu999", venv)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "CUDA=cu999" in bad.stderr

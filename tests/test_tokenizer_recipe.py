@@ -190,8 +190,8 @@ def test_make_sweep_sp_queues_the_weight_by_encoder_lr_grid(recorded_repo):
     import subprocess
     from tests.test_dvc_native import queued_params
     from tests.test_pipeline import sh
-    dry = subprocess.run(["make", "-n", "sweep-sp", "SP_WEIGHTS=0,2", "SP_ENCODER_LRS=1e-5,3e-5"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    from tests.make_run import make
+    dry = make("-n", "sweep-sp", "SP_WEIGHTS=0,2", "SP_ENCODER_LRS=1e-5,3e-5", check=True).stdout
     queue = next(c for c in dry.replace("\\\n", "").splitlines() if c.startswith("dvc exp run --queue"))
     try:
         proc = sh(["bash", "-c", queue], recorded_repo)
