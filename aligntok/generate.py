@@ -47,6 +47,22 @@ class Generator:
     tokenizer: torch.nn.Module
     device: torch.device
     dit_hash: str = ""  # digest of the DiT weights file (load_generator fills it): part of the sample cache key
+    # text DiT: the prompt set as encoder states (P, L, D) and mask (P, L) (`set_prompts`); a sample's "label" is
+    # then the index of its prompt, so the class path's label bookkeeping (parts, grids, probes) carries prompts
+    prompts: tuple[torch.Tensor, torch.Tensor] | None = None
+    prompt_digest: str = ""
+
+    @property
+    def is_text(self) -> bool:
+        return self.config.get("task", "class") == "text"
+
+    @property
+    def num_conditions(self) -> int:
+        """Classes of a class DiT; prompts of a text DiT's prompt set."""
+        return len(self.prompts[0]) if self.is_text and self.prompts is not None else self.config["num_classes"]
+
+    def set_prompts(self, hidden: torch.Tensor, mask: torch.Tensor, digest: str) -> None:
+        self.prompts, self.prompt_digest = (hidden.to(self.device), mask.to(self.device).bool()), digest
 
     @torch.no_grad()
     def latents(self, labels: torch.Tensor, indices: list[int], sample: SampleConfig,
@@ -56,10 +72,21 @@ class Generator:
         c = self.config
         noise = sample_noise(indices, (c["in_channels"], c["input_size"], c["input_size"]), sample.seed).to(self.device)
         channels = None if sample.cfg_channels == "all" else int(sample.cfg_channels)
-        z = ode_sample(self.dit, noise, labels.to(self.device), steps=sample.steps, method=sample.method,
-                       cfg_scale=sample.cfg_scale if cfg_scale is None else cfg_scale, cfg_channels=channels,
-                       cfg_interval_start=sample.cfg_interval_start, timestep_shift=sample.timestep_shift,
-                       null_class=c["num_classes"])
+        scale = sample.cfg_scale if cfg_scale is None else cfg_scale
+        labels = labels.to(self.device)
+        if self.is_text:
+            if self.prompts is None:
+                raise ValueError("a text DiT samples for prompts: call Generator.set_prompts first")
+            hidden, mask = self.prompts[0][labels], self.prompts[1][labels]
+
+            def model_fn(x, t, _):  # guidance inside the model: its null caption, the sampler's interval
+                return self.dit.forward_with_cfg(x, t, hidden, mask, scale, channels, sample.cfg_interval_start)
+            z = ode_sample(model_fn, noise, labels, steps=sample.steps, method=sample.method,
+                           timestep_shift=sample.timestep_shift)
+        else:
+            z = ode_sample(self.dit, noise, labels, steps=sample.steps, method=sample.method, cfg_scale=scale,
+                           cfg_channels=channels, cfg_interval_start=sample.cfg_interval_start,
+                           timestep_shift=sample.timestep_shift, null_class=c["num_classes"])
         return denormalize(z.float(), c["latent_stats"])
 
     @torch.no_grad()

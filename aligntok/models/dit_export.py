@@ -33,6 +33,18 @@ class DitLoadError(ValueError):
     naming the file and the mismatch (the CLI exits with code 2)."""
 
 
+def build_from_config(config: dict) -> torch.nn.Module:
+    """The DiT an export's config.json describes: class-conditional (`task` class, the default of exports made
+    before the text task) or text-conditioned (`task` text: `text_dim` is the caption encoder's width)."""
+    if config.get("task", "class") == "text":
+        from aligntok.models.t2i_dit import build_t2i_dit
+        return build_t2i_dit(config["model"], input_size=config["input_size"], in_channels=config["in_channels"],
+                             text_dim=config["text_dim"], qk_norm=config.get("qk_norm", True))
+    from aligntok.models.dit import build_dit
+    return build_dit(config["model"], input_size=config["input_size"], in_channels=config["in_channels"],
+                     num_classes=config["num_classes"], qk_norm=config.get("qk_norm", False))
+
+
 def _dit_config(model_dir: Path) -> dict:
     for name in ("config.json", "model.safetensors"):
         if not (model_dir / name).exists():
@@ -40,6 +52,8 @@ def _dit_config(model_dir: Path) -> dict:
     try:
         config = json.loads((model_dir / "config.json").read_text())
         [config[k] for k in ("model", "input_size", "in_channels", "num_classes", "tokenizer_hash")]
+        if config.get("task", "class") == "text":
+            [config[k] for k in ("text_dim", "text_encoder", "max_tokens")]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
         raise DitLoadError(f"{model_dir / 'config.json'}: not a DiT export config ({type(e).__name__}: {e}); "
                            "re-run `aligntok train-dit`") from None
@@ -52,8 +66,6 @@ def check_dit(model_dir: Path, tokenizer_dir: Path | None = None) -> dict:
     the latents that tokenizer makes (channels, then the tokenizer's hash). Raises DitLoadError."""
     from safetensors import safe_open
 
-    from aligntok.models.dit import build_dit
-
     model_dir = Path(model_dir)
     config = _dit_config(model_dir)
     weights = model_dir / "model.safetensors"
@@ -64,9 +76,7 @@ def check_dit(model_dir: Path, tokenizer_dir: Path | None = None) -> dict:
         raise DitLoadError(f"{weights}: unreadable safetensors file ({str(e).splitlines()[0][:120]}); "
                            "re-run `aligntok train-dit`") from None
     with torch.device("meta"):  # shapes only: nothing allocated
-        expected = {k: list(v.shape) for k, v in build_dit(
-            config["model"], input_size=config["input_size"], in_channels=config["in_channels"],
-            num_classes=config["num_classes"], qk_norm=config.get("qk_norm", False)).state_dict().items()}
+        expected = {k: list(v.shape) for k, v in build_from_config(config).state_dict().items()}
     for key in expected:
         if shapes.get(key) != expected[key]:
             got = "missing" if key not in shapes else f"shape {shapes[key]}"
@@ -94,11 +104,8 @@ def check_dit(model_dir: Path, tokenizer_dir: Path | None = None) -> dict:
 
 
 def load_dit(model_dir: Path, device: torch.device | str = "cpu", tokenizer_dir: Path | None = None):
-    from aligntok.models.dit import build_dit
-
     model_dir = Path(model_dir)
     config = check_dit(model_dir, tokenizer_dir)
-    model = build_dit(config["model"], input_size=config["input_size"], in_channels=config["in_channels"],
-                      num_classes=config["num_classes"], qk_norm=config.get("qk_norm", False))
+    model = build_from_config(config)
     model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
     return model.to(device).eval(), config

@@ -25,18 +25,24 @@ LATENTS_DIR = OUTPUTS / "latents"
 DIT_DIR = OUTPUTS / "dit" / "model"
 REFERENCE_DIR = OUTPUTS / "reference"
 JUDGE_DIR = OUTPUTS / "judge"
+TEXT_DIR = OUTPUTS / "text"  # cache-text: the train captions' encoder states
 
 
 def provenance(params: Params) -> dict[str, str]:
     """The profile, data set and models behind a stage's numbers, for its protocol block: reports read them from
     there, not from the current params.yaml (which may have been switched since)."""
-    d = params.data
-    source = "synthetic shapes" if d.source == "synthetic" else f"{d.source} {d.root}"
-    return {"profile": params.profile,
-            "data": f"{d.name}: {source}, {d.resolution} px, {d.num_classes} classes, "
-                    f"{'all' if d.num_images is None else d.num_images} images",
-            "models": f"encoder {params.encoder.arch}, tokenizer {params.tokenizer.kind} {params.tokenizer.size}, "
-                      f"DiT {params.dit.model}"}
+    d, tok = params.data, params.tokenizer
+    source = {"synthetic": "synthetic shapes", "scenes": "captioned synthetic scenes"}.get(d.source,
+                                                                                         f"{d.source} {d.root}")
+    labels = f"{d.num_classes} classes" if params.task == "class" else "captioned"
+    tokenizer = f"external {tok.external}" if tok.kind == "external" else f"{tok.kind} {tok.size}"
+    out = {"profile": params.profile, "task": params.task,
+           "data": f"{d.name}: {source}, {d.resolution} px, {labels}, "
+                   f"{'all' if d.num_images is None else d.num_images} images",
+           "models": f"encoder {params.encoder.arch}, tokenizer {tokenizer}, DiT {params.dit.model}"}
+    if params.task == "text":
+        out["text_encoder"] = f"{params.text.encoder} (last hidden states, {params.text.max_tokens} tokens)"
+    return out
 
 
 def metrics_path(stage: str) -> Path:
