@@ -17,5 +17,8 @@ def file_hash(path: Path) -> str:
 
 
 def tokenizer_hash(model_dir: Path) -> str:
-    """A tokenizer export's identity: the hash of its weights (model.safetensors)."""
-    return file_hash(Path(model_dir) / "model.safetensors")
+    """A tokenizer export's identity: the hash of its weights (model.safetensors; for tokenizer.kind external the
+    diffusers VAE's vae/diffusion_pytorch_model.safetensors, see aligntok.models.external)."""
+    path = Path(model_dir) / "model.safetensors"
+    external = Path(model_dir) / "vae" / "diffusion_pytorch_model.safetensors"
+    return file_hash(external if not path.exists() and external.exists() else path)

@@ -48,7 +48,8 @@ def _normalise(config: dict) -> dict:
         raise ValueError(f"unknown tokenizer config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
     cfg = {**DEFAULT_CONFIG, **config}
     if cfg["kind"] not in ("aligntok", "vae"):
-        raise ValueError(f"tokenizer kind must be 'aligntok' or 'vae', got {cfg['kind']!r}")
+        raise ValueError(f"tokenizer kind must be 'aligntok' or 'vae', got {cfg['kind']!r} (kind 'external' is "
+                         "aligntok.models.external.ExternalTokenizer)")
     if cfg["size"] not in TOKENIZER_SIZES:
         raise ValueError(f"unknown tokenizer size {cfg['size']!r}; known: {sorted(TOKENIZER_SIZES)}")
     cfg["image_size"], cfg["latent_channels"] = int(cfg["image_size"]), int(cfg["latent_channels"])
@@ -137,19 +138,25 @@ class AlignTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Path | str, map_location="cpu") -> "AlignTokenizer":
-        """Rebuild from config.json (encoder at random init: no hub/file access) and load model.safetensors."""
+        """Rebuild from config.json (encoder at random init: no hub/file access) and load model.safetensors.
+        A folder of kind 'external' loads as an ExternalTokenizer (same interface), so every caller takes both."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise TokenizerLoadError(f"{p} not found: not a saved tokenizer directory (save_pretrained writes "
-                                         f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+        if not cfg_path.is_file():
+            raise TokenizerLoadError(f"{cfg_path} not found: not a saved tokenizer directory (save_pretrained writes "
+                                     f"{CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
             config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise TokenizerLoadError(f"{cfg_path} is not valid JSON: {e}") from e
+        if isinstance(config, dict) and config.get("kind") == "external":  # a pretrained diffusers VAE's folder
+            from aligntok.models.external import ExternalTokenizer
+            return ExternalTokenizer.from_pretrained(directory, map_location)
+        if not w_path.is_file():
+            raise TokenizerLoadError(f"{w_path} not found: not a saved tokenizer directory (save_pretrained writes "
+                                     f"{CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
             model = cls(config, _load_encoder_weights=False)
         except ValueError as e:
