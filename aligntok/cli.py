@@ -23,11 +23,13 @@ STAGES = {
     "tokenizer-stage2": "tokenizer",
     "tokenizer-stage3": "tokenizer",
     "cache-latents": "latents",
+    "cache-text": "text",
     "train-dit": "dit",
     "evaluate": "evaluate",
 }
 # Stages that may run as several processes (torchrun) when launcher.nproc_per_node > 1.
-DISTRIBUTED = {"tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "train-dit", "evaluate", "sample"}
+DISTRIBUTED = {"tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents", "cache-text", "train-dit",
+               "evaluate", "sample"}
 HELP = {
     "prepare": "build parquet shards + manifest from a synthetic, image-folder or parquet source",
     "judge": "train the independent judge classifier on held-out synthetic images (class accuracy, fd_judge)",
@@ -35,7 +37,8 @@ HELP = {
     "tokenizer-stage2": "stage 2: train all, with semantic preservation against the frozen stage-1 model",
     "tokenizer-stage3": "stage 3: decoder-only refinement; exports the final tokenizer",
     "cache-latents": "encode the train split with the final tokenizer into latent shards + latent_stats",
-    "train-dit": "train LightningDiT with flow matching on the cached latents",
+    "cache-text": "text task: encode the train captions with the frozen text encoder into a memory-mapped cache",
+    "train-dit": "train LightningDiT (class- or text-conditioned) with flow matching on the cached latents",
     "evaluate": "gFID/IS/precision/recall of samples and rFID/PSNR/SSIM/LPIPS of the tokenizer",
     "sample": "sample a labelled PNG grid, or N images to an ADM-layout .npz",
 }

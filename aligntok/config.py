@@ -285,6 +285,9 @@ class Params(Section):
         if self.task == "text" and self.data.source in ("synthetic", "imagefolder"):
             raise ValueError(f"data.source: given {self.data.source!r} with task text; expected a captioned source "
                              f"(scenes, webdataset, img2dataset, or parquet prepared from one)")
+        if self.task == "text" and self.judge.source == "synthetic" and self.data.source != "scenes":
+            raise ValueError(f"judge.source: given 'synthetic' with task text and data.source "
+                             f"{self.data.source!r}; expected none (the caption judge reads scenes only)")
         if self.tokenizer.kind == "external" and not self.tokenizer.external:
             raise ValueError("tokenizer.external: not set with tokenizer.kind external; expected a diffusers "
                              "AutoencoderKL id or local folder")

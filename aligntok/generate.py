@@ -114,17 +114,26 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
 
 
 def labelled_grid(images: np.ndarray, labels: list[int], class_names: list[str] | None, cols: int):
-    """A PNG-ready grid with each image's class name written above it."""
+    """A PNG-ready grid with each image's class name, or its prompt (text task), written above it. Prompts are
+    wrapped over up to four lines, and small images are enlarged (nearest) to a tile wide enough to read them."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     n, h, w, _ = images.shape
+    names = [class_names[y] if class_names else str(y) for y in labels[:n]]
+    long = any(len(name) > max(1, w // 6) for name in names)
+    scale = max(1, -(-160 // w)) if long else 1
+    tw, th = w * scale, h * scale
+    per_line = max(1, tw // 6)
+    texts = [textwrap.wrap(name, per_line)[:4] if long else [name[:per_line]] for name in names]
+    pad = 2 + 11 * max((len(t) for t in texts), default=1) if long else 12
     rows = -(-n // cols)
-    pad = 12
-    canvas = Image.new("RGB", (cols * w, rows * (h + pad)), "white")
+    canvas = Image.new("RGB", (cols * tw, rows * (th + pad)), "white")
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         r, c = divmod(i, cols)
-        canvas.paste(Image.fromarray(images[i]), (c * w, r * (h + pad) + pad))
-        name = class_names[labels[i]] if class_names else str(labels[i])
-        draw.text((c * w + 1, r * (h + pad)), name[: max(1, w // 6)], fill="black")
+        tile = Image.fromarray(images[i])
+        canvas.paste(tile.resize((tw, th), Image.NEAREST) if scale > 1 else tile, (c * tw, r * (th + pad) + pad))
+        draw.multiline_text((c * tw + 1, r * (th + pad)), "\n".join(texts[i]), fill="black", spacing=1)
     return canvas

@@ -60,6 +60,8 @@ def sample_key(gen, params, device: torch.device) -> str:
                        "cfg_interval_start": s.cfg_interval_start, "timestep_shift": s.timestep_shift, "seed": s.seed},
             "labels": params.eval.labels, "part_size": params.eval.batch_size, "device": device.type,
             "amp": params.eval.amp and device.type == "cuda"}
+    if getattr(gen, "prompt_digest", ""):  # text DiT: the prompts (and their encoder) decide the pixels too
+        blob["prompts"] = gen.prompt_digest
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

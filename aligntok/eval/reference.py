@@ -58,13 +58,13 @@ def _load_pr(path: Path, dim: int) -> np.ndarray | None:
     return feats if ok else None
 
 
-def _rank_sums(extractor, data_dir: Path, coord, batch_size: int, num_workers: int) -> dict:
+def _rank_sums(extractor, data_dir: Path, coord, batch_size: int, num_workers: int, split: str = "train") -> dict:
     """This rank's feature count, sum, outer-product sum and its images of the precision/recall subset."""
     import torch
     from aligntok.data.dataset import ShardIterable
     from aligntok.eval.reconstruction import to_uint8
 
-    ds = ShardIterable(data_dir, "train", coord.rank, coord.world_size)
+    ds = ShardIterable(data_dir, split, coord.rank, coord.world_size)
     subset = pr_subset(len(ds.base))
     n, total, outer = 0, np.zeros(extractor.dim), np.zeros((extractor.dim, extractor.dim))
     pr_idx, pr_feats = [], []
@@ -79,13 +79,14 @@ def _rank_sums(extractor, data_dir: Path, coord, batch_size: int, num_workers: i
 
 
 def train_reference(extractor, coord, data_dir: Path, cache_dir: Path, name: str, *, batch_size: int,
-                    num_workers: int = 0) -> dict | None:
-    """Own reference over the train split, computed by all ranks once and cached; the dict on rank 0 only."""
+                    num_workers: int = 0, split: str = "train") -> dict | None:
+    """Own reference over the train split (the text task's prompt set: the val split), computed by all ranks once
+    and cached; the dict on rank 0 only."""
     from aligntok.data.shards import read_manifest
     from aligntok.eval.metrics import MetricError, load_stats, save_stats
 
     content = read_manifest(data_dir)["content_hash"]
-    stats_path = cache_dir / f"{extractor.tag}-{content[:16]}.npz"
+    stats_path = cache_dir / f"{extractor.tag}-{content[:16]}{'' if split == 'train' else '-' + split}.npz"
     pr_path = stats_path.with_name(stats_path.stem + "-pr.npz")
     ref = None
     if coord.is_main and stats_path.exists():
@@ -94,12 +95,12 @@ def train_reference(extractor, coord, data_dir: Path, cache_dir: Path, name: str
             feats = _load_pr(pr_path, extractor.dim)
             if feats is not None and len(mu) == extractor.dim:
                 ref = {"mu": mu, "sigma": sigma, "features": feats, "name": meta["name"], "count": meta["count"],
-                       "stats": "train-split"}
+                       "stats": f"{split}-split"}
         except (MetricError, KeyError):
             ref = None
     if coord.broadcast(ref is not None):
         return ref
-    parts = coord.gather(_rank_sums(extractor, data_dir, coord, batch_size, num_workers))
+    parts = coord.gather(_rank_sums(extractor, data_dir, coord, batch_size, num_workers, split))
     if not coord.is_main:
         return None
     n = sum(p["n"] for p in parts)
@@ -109,7 +110,7 @@ def train_reference(extractor, coord, data_dir: Path, cache_dir: Path, name: str
     save_stats(stats_path, mu, sigma, {"name": name, "count": n, "backbone": extractor.name,
                                        "extractor": extractor.tag, "data_hash": content})
     _save_npy(pr_path, {"features": feats})
-    return {"mu": mu, "sigma": sigma, "features": feats, "name": name, "count": n, "stats": "train-split"}
+    return {"mu": mu, "sigma": sigma, "features": feats, "name": name, "count": n, "stats": f"{split}-split"}
 
 
 def uses_stored_stats(path, extractor) -> bool:

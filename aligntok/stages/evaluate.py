@@ -26,7 +26,9 @@ EVAL_DIR = OUTPUTS / "eval"
 PARTS_DIR = CHECKPOINTS / "evaluate"
 REFERENCE_STATS = {"stored": "stored mu/sigma of the reference file (ADM protocol)",
                    "recomputed": "mu/sigma recomputed from the reference file's arr_0 features",
-                   "train-split": "mu/sigma of every image of the prepared train split"}
+                   "train-split": "mu/sigma of every image of the prepared train split",
+                   "val-split": "mu/sigma of every image of the prepared val split (the prompt set's images)",
+                   "prompt-images": "mu/sigma of the prompt set's reference images (text.prompt_images)"}
 
 
 def reference(params: Params, path: str | None, extractor, coord) -> dict | None:
@@ -44,6 +46,17 @@ def reference(params: Params, path: str | None, extractor, coord) -> dict | None
                            batch_size=e.batch_size, num_workers=workers)
 
 
+def judge_protocol(params: Params) -> str | None:
+    if params.judge.source != "synthetic":
+        return None
+    if params.task == "text":
+        return ("caption judge CNN, one head per scene attribute, trained on held-out scenes: caption_acc = every "
+                "attribute of the prompt read back from the sample, attr_acc_<attribute> = that attribute; "
+                "<metric>_chance = a uniform random guess")
+    return ("judge CNN, 128-d, trained on held-out synthetic images; FD and P/R vs its "
+            f"{params.judge.test_images} held-out test images")
+
+
 def protocol_of(params: Params, extractor, ref: dict | None) -> dict:
     e, s = params.eval, params.sample
     protocol = {**provenance(params), "fid_backbone": extractor.name, "feature_dim": extractor.dim,
@@ -53,22 +66,29 @@ def protocol_of(params: Params, extractor, ref: dict | None) -> dict:
                 "timestep_shift": s.timestep_shift, "sample_seed": s.seed,
                 "precision_recall": "all samples vs the reference batch, k=3",
                 "lpips_backbone": "pretrained" if params.lpips.pretrained_backbone else "random",
-                "judge_backbone": ("judge CNN, 128-d, trained on held-out synthetic images; FD and P/R vs its "
-                                   f"{params.judge.test_images} held-out test images"
-                                   if params.judge.source == "synthetic" else None)}
+                "judge_backbone": judge_protocol(params)}
     if ref is not None:
         protocol["reference"] = f"{ref['name']} ({ref['count']} images)"
         # own statistics are a labelled choice: no published number is measured against them
-        protocol["reference_choice"] = OWN_REFERENCE if ref["stats"] == "train-split" else "file"
+        protocol["reference_choice"] = {"train-split": OWN_REFERENCE, "val-split": "prompt set",
+                                        "prompt-images": "prompt set"}.get(ref["stats"], "file")
         protocol["reference_stats"] = REFERENCE_STATS[ref["stats"]]
         protocol["pr_reference_images"] = len(ref["features"])
     return protocol
 
 
+def text_protocol(params: Params, source: str, count: int) -> dict:
+    """The text task's part of the protocol: the prompt set, how samples map to prompts, and CLIP score's status."""
+    clip = (f"{params.text.clip_model}: 100 * max(cos(image, caption), 0), mean over samples" if params.text.clip_model
+            else "not measured: text.clip_model is null")
+    return {"prompts": source, "num_prompts": count, "labels": "sample i is drawn for prompt i mod num_prompts",
+            "text_encoder": params.text.encoder, "clip_score": clip}
+
+
 def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, judge: tuple | None,
-                     tracker) -> tuple[dict, dict]:
+                     tracker, protocol: dict) -> tuple[dict, dict]:
     """Samples every variant's parts over all ranks, then (rank 0) scores them, with the judge too (`load_judge`'s
-    result; None: off): (metrics, run bookkeeping)."""
+    result; None: off): (metrics, run bookkeeping). Text task: for the prompt set, with the caption judge."""
     from aligntok.data.shards import read_manifest
     from aligntok.eval.parts import PartStore, Variant, run_parts, sample_key, split_parts
     from aligntok.eval.scores import score_parts
@@ -76,20 +96,27 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, j
 
     e = params.eval
     gen = load_generator(DIT_DIR, tokenizer_dir(3), dist.device)
-    store = PartStore(PARTS_DIR, sample_key(gen, params, dist.device), gen.config["num_classes"], e.labels,
-                      params.sample.seed)
+    prompts = None
+    if gen.is_text:
+        from aligntok.eval.t2i import attach_prompts
+        prompts, source = attach_prompts(gen, params, data_dir(params), e.num_samples)
+        protocol.update(text_protocol(params, source, len(prompts)))
+    store = PartStore(PARTS_DIR, sample_key(gen, params, dist.device), gen.num_conditions,
+                      "balanced" if gen.is_text else e.labels, params.sample.seed)
     variants = [Variant("", 1.0)] + ([Variant("_cfg", e.cfg_scale)] if e.cfg_scale > 1 else [])
     parts = {v: split_parts(v, e.num_samples, e.batch_size) for v in variants}
     generated = run_parts(store, [p for v in variants for p in parts[v]], coord, gen, params.sample, extractor, e.amp)
     if not coord.is_main:
         return {}, {}
     metrics: dict = {}
-    names = read_manifest(data_dir(params))["class_names"]
+    names = prompts or read_manifest(data_dir(params))["class_names"]
     for v in variants:
         out = score_parts(store, parts[v], extractor.tag, ref, dist.device, EVAL_DIR / f"samples{v.suffix}.npz")
         metrics.update({f"{k}{v.suffix}": x for k, x in out["metrics"].items()})
         metrics[f"sample_s_per_image{v.suffix}"] = out["seconds"] / out["n"]
-        metrics.update({f"{k}{v.suffix}": x for k, x in judged(judge, EVAL_DIR / f"samples{v.suffix}.npz").items()})
+        npz = EVAL_DIR / f"samples{v.suffix}.npz"
+        scores = judged(judge, npz) if prompts is None else text_scores(params, judge, npz, prompts, dist.device)
+        metrics.update({f"{k}{v.suffix}": x for k, x in scores.items()})
         grid = labelled_grid(out["grid"], out["grid_labels"].tolist(), names, cols=10)
         grid.save(EVAL_DIR / f"samples{v.suffix}.png")
         tracker.log_artifact(EVAL_DIR / f"samples{v.suffix}.png", "samples")
@@ -109,6 +136,22 @@ def judged(judge: tuple | None, npz: Path) -> dict:
     from aligntok.eval.npz import load_npz_samples
     images, labels = load_npz_samples(npz)
     return judge_metrics(judge, nhwc_to_nchw(images), labels)
+
+
+def text_scores(params: Params, judge, npz: Path, prompts: list[str], device) -> dict:
+    """The caption judge's scores (when there is one) and CLIP score (when a CLIP model is configured)."""
+    from aligntok.eval.npz import load_npz_samples
+    if judge is None and not params.text.clip_model:
+        return {}
+    images, prompt_ids = load_npz_samples(npz)
+    out = {}
+    if judge is not None:
+        from aligntok.eval.t2i import caption_judged
+        out.update(caption_judged(judge, images, prompt_ids, prompts))
+    if params.text.clip_model:
+        from aligntok.eval.clip_score import clip_score
+        out["clip_score"] = clip_score(params.text.clip_model, images, [prompts[int(i)] for i in prompt_ids], device)
+    return out
 
 
 def external_samples(path: str, extractor, ref: dict, device, batch_size: int) -> tuple[dict, dict]:
@@ -172,10 +215,20 @@ def evaluate(params: Params, args, dist) -> int:
     else:  # so do a DiT that does not fit the tokenizer's latents (weights not loaded yet) and a missing judge
         from aligntok.eval.judge import load_judge
         from aligntok.models.dit_export import check_dit
-        check_dit(DIT_DIR, tokenizer_dir(3))
-        judge = None if params.judge.source == "none" else load_judge(JUDGE_DIR)
+        text = check_dit(DIT_DIR, tokenizer_dir(3)).get("task", "class") == "text"
+        if params.judge.source == "none":
+            judge = None
+        elif text:
+            from aligntok.eval.caption_judge import load_caption_judge
+            judge = load_caption_judge(JUDGE_DIR)
+        else:
+            judge = load_judge(JUDGE_DIR)
     extractor = feature_extractor(params).to(dist.device)
-    ref = reference(params, args.reference or params.eval.reference, extractor, coord)
+    if params.task == "text" and not (args.samples or args.reference):
+        from aligntok.eval.t2i import prompt_reference
+        ref = prompt_reference(params, data_dir(params), extractor, coord, REFERENCE_DIR)
+    else:
+        ref = reference(params, args.reference or params.eval.reference, extractor, coord)
     protocol = protocol_of(params, extractor, ref)
     EVAL_DIR.mkdir(parents=True, exist_ok=True)
     run: dict = {}
@@ -185,7 +238,10 @@ def evaluate(params: Params, args, dist) -> int:
                                  if coord.is_main else ({}, {}))
             protocol.update(external)
         else:
-            metrics, run = sample_and_score(params, dist, coord, extractor, ref, judge, tracker)
+            metrics, run = sample_and_score(params, dist, coord, extractor, ref, judge, tracker, protocol)
+            if judge is not None and params.task == "text":
+                from aligntok.eval.t2i import chance_levels
+                metrics.update(chance_levels())
         recon = recon_metrics(params, extractor, dist.device, coord)
         if not coord.is_main:
             return 0

@@ -20,6 +20,15 @@ def run(params: Params, args) -> int:
             write_metrics("judge", {"enabled": 0}, tracker)
             print("judge: off (judge.source: none)")
             return 0
+        if params.task == "text":  # scenes: one head per caption attribute
+            from aligntok.eval.caption_judge import save_caption_judge, train_caption_judge
+            judge, facts = train_caption_judge(d.resolution, params.seed, j.train_images, j.test_images, j.steps,
+                                               j.batch_size, j.lr)
+            save_caption_judge(judge, JUDGE_DIR, {"enabled": True, **facts})
+            write_metrics("judge", {"enabled": 1, **facts, "data": "held-out scenes"}, tracker)
+            print(f"judge: held-out caption accuracy {facts['heldout_caption_acc']:.3f} "
+                  f"(chance {facts['caption_acc']:.4f})")
+            return 0
         judge, facts = train_judge(d.num_classes, d.resolution, params.seed, j.train_images, j.test_images,
                                    j.steps, j.batch_size, j.lr)
         reference = facts.pop("reference")

@@ -24,8 +24,8 @@ def generate_npz(gen, params: Params, n: int, out: Path, *, coord, cfg_scale: fl
     from aligntok.stages.evaluate import PARTS_DIR
 
     e = params.eval
-    store = PartStore(PARTS_DIR, sample_key(gen, params, gen.device), gen.config["num_classes"], e.labels,
-                      params.sample.seed)
+    store = PartStore(PARTS_DIR, sample_key(gen, params, gen.device), gen.num_conditions,
+                      "balanced" if gen.is_text else e.labels, params.sample.seed)
     parts = split_parts(Variant("", cfg_scale), n, e.batch_size)
     generated = run_parts(store, parts, coord, gen, params.sample, None, e.amp, label="sample")
     if not coord.is_main:
@@ -42,6 +42,10 @@ def run(params: Params, args) -> int:
 
     dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     gen = load_generator(DIT_DIR, tokenizer_dir(3), dist.device)
+    names = None
+    if gen.is_text:  # the prompt set's prompts in turn (--npz: sample i for prompt i mod P, as evaluate)
+        from aligntok.eval.t2i import attach_prompts
+        names, _ = attach_prompts(gen, params, data_dir(params), args.npz or 10)
     if args.npz:
         out = Path(args.npz_out)
         scale = params.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
@@ -49,12 +53,12 @@ def run(params: Params, args) -> int:
         if dist.is_main:
             print(f"wrote {args.npz} samples to {out} ({made} generated now, {args.npz - made} reused)")
     elif dist.is_main:
-        c = gen.config["num_classes"]
+        c = gen.num_conditions
         per = 4
         labels = torch.arange(min(c, 10)).repeat_interleave(per)
         images = to_uint8_nhwc(gen.images(labels, list(range(len(labels))), params.sample, args.cfg_scale))
         order = np.arange(len(labels)).reshape(-1, per).T.reshape(-1)  # one class per column
-        names = read_manifest(data_dir(params)).get("class_names")
+        names = names or read_manifest(data_dir(params)).get("class_names")
         grid = labelled_grid(images[order], labels[order].tolist(), names, cols=min(c, 10))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         grid.save(args.out)
