@@ -69,7 +69,8 @@ def parse_caption(text: str) -> dict[str, str]:
     count, colour, noun, position, background = match.groups()
     nouns = {shape: shape for shape in ATTRIBUTES["shape"]} if count == "one" else {p: s for s, p in PLURALS.items()}
     if noun not in nouns:
-        raise ValueError(f"{text!r} is not a scene caption: {expected} (the shape is singular after 'one', plural after 'two')")
+        raise ValueError(f"{text!r} is not a scene caption: {expected} "
+                         f"(the shape is singular after 'one', plural after 'two')")
     attrs = {"shape": nouns[noun], "colour": colour, "background": background, "count": count, "position": position}
     for name, values in ATTRIBUTES.items():
         if attrs[name] not in values:
