@@ -229,6 +229,7 @@ class StageTimeouts(Section):
     tokenizer_stage2: PosFloat = 6
     tokenizer_stage3: PosFloat = 6
     cache_latents: PosFloat = 6
+    cache_text: PosFloat = 6
     train_dit: PosFloat = 6
     evaluate: PosFloat = 6
 
@@ -364,6 +365,9 @@ def _check_paths(p: Params, base: Path) -> None:
     if p.encoder.pretrained not in ("hub", "none", "efficientnet-lite0"):
         must_exist("encoder.pretrained", p.encoder.pretrained)
     must_exist("eval.inception_weights", p.eval.inception_weights)
+    if p.task == "text":
+        must_exist("text.prompts", p.text.prompts)
+        must_exist("text.prompt_images", p.text.prompt_images)
     if p.eval.reference != OWN_REFERENCE:
         must_exist("eval.reference", p.eval.reference)
 

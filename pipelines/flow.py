@@ -40,7 +40,7 @@ def dag_stages(dvc_yaml: Path = ROOT / "dvc.yaml") -> list[str]:
     return list(yaml.safe_load(dvc_yaml.read_text())["stages"])
 
 
-Profile = Literal["smoke", "ci", "imagenet256"]  # profiles/<name>.yaml; a test keeps this list equal to the folder
+Profile = Literal["smoke", "ci", "imagenet256", "t2i-smoke", "t2i-laion256"]  # profiles/<name>.yaml; a test keeps this list equal to the folder
 
 
 def _keeps(key: str) -> str:
@@ -66,16 +66,21 @@ class PipelineParams(BaseModel):
     model_config = ConfigDict(json_schema_extra=_form_schema)
 
     profile: Profile = Field("smoke", title="Profile", description="the profile to start from: profiles/smoke.yaml "
-                             "(CPU, minutes), profiles/ci.yaml (the tests' tiny one) or profiles/imagenet256.yaml "
-                             "(the paper's)")
+                             "(CPU, minutes), profiles/ci.yaml (the tests' tiny one), profiles/imagenet256.yaml "
+                             "(the paper's), profiles/t2i-smoke.yaml (text-to-image on CPU) or "
+                             "profiles/t2i-laion256.yaml (the paper's text-to-image)")
+    task: Literal["class", "text"] | None = Field(
+        None, title="Task", description="task: class (class-conditional) or text (text-to-image; needs a captioned "
+        "data source)" + _keeps("task"))
     semantic_weight: float | None = Field(None, title="Semantic weight", ge=0,
                                           description="tokenizer.stage2.semantic_weight, >= 0 (0 = off)"
                                           + _keeps("tokenizer.stage2.semantic_weight"))
     encoder_arch: str | None = Field(None, title="Encoder architecture",
                                      description="encoder.arch, a timm model name" + _keeps("encoder.arch"))
-    tokenizer_kind: Literal["aligntok", "vae"] | None = Field(
+    tokenizer_kind: Literal["aligntok", "vae", "external"] | None = Field(
         None, title="Tokenizer kind",
-        description="tokenizer.kind: aligntok, or vae (the from-scratch baseline)" + _keeps("tokenizer.kind"))
+        description="tokenizer.kind: aligntok, vae (the from-scratch baseline) or external (a pretrained "
+        "AutoencoderKL named by tokenizer.external, e.g. the FLUX VAE)" + _keeps("tokenizer.kind"))
     dit_model: str | None = Field(None, title="DiT model",
                                   description="dit.model, e.g. tiny, LightningDiT-B/1" + _keeps("dit.model"))
     dit_steps: int | None = Field(None, title="DiT steps", gt=0,
@@ -92,7 +97,7 @@ class PipelineParams(BaseModel):
                                         "stage's from the profile (launcher.stage_timeout_h)")
 
     def as_overrides(self) -> list[str]:
-        named = {"tokenizer.stage2.semantic_weight": self.semantic_weight, "encoder.arch": self.encoder_arch,
+        named = {"task": self.task, "tokenizer.stage2.semantic_weight": self.semantic_weight, "encoder.arch": self.encoder_arch,
                  "tokenizer.kind": self.tokenizer_kind, "dit.model": self.dit_model, "dit.steps": self.dit_steps,
                  "eval.cfg_scale": self.cfg_scale}
         return [f"{k}={v}" for k, v in named.items() if v is not None] + list(self.overrides)

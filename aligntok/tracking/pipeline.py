@@ -32,7 +32,7 @@ def create_parent_run(params: Params, pid: str | None = None, name: str | None =
     name = name or exp_name or f"{params.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     head = source_commit()
     run = client.create_run(exp.experiment_id, run_name=name,
-                            tags={"role": PIPELINE_ROLE, "pipeline_id": pid, "profile": params.profile,
+                            tags={"role": PIPELINE_ROLE, "pipeline_id": pid, "profile": params.profile, "task": params.task,
                                   "git_commit": git_commit(), "dvc_exp_name": exp_name,
                                   **({"mlflow.source.git.commit": head} if head else {}), **(tags or {})})
     from mlflow.entities import Param

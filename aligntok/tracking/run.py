@@ -118,7 +118,7 @@ class Tracker:
         import torch
         head = source_commit()
         return {**({"mlflow.source.git.commit": head} if head else {}), "mlflow.source.name": f"aligntok {self.stage}",
-                "stage": self.stage, "profile": self.params.profile, "git_commit": git_commit(),
+                "stage": self.stage, "profile": self.params.profile, "task": self.params.task, "git_commit": git_commit(),
                 "pipeline_id": os.environ.get("ALIGNTOK_PIPELINE_ID", ""), "hostname": socket.gethostname(),
                 "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "torch_version": torch.__version__,
                 "world_size": os.environ.get("WORLD_SIZE", "1")}
