@@ -113,6 +113,14 @@ def test_save_load_round_trip_and_broken_folders(tmp_path, one_thread):
         load_caption_judge(tmp_path / "j")
 
 
+def test_a_judge_switched_off_gives_no_scores(tmp_path):
+    (tmp_path / CONFIG_FILE).write_text('{"enabled": false, "reason": "judge.source: none"}')
+    judge = load_caption_judge(tmp_path)
+    assert judge is None
+    assert caption_scores(judge, torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+                          ["one red circle at the left on a black background"]) == {}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The judge at the smoke settings, on one torch thread (25-40 s on one shared core)."""

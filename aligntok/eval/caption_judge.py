@@ -120,16 +120,22 @@ def save_caption_judge(judge: CaptionJudgeNet, folder: Path, facts: dict) -> Non
                                              "attributes": {k: list(v) for k, v in ATTRIBUTES.items()}, **facts})
 
 
-def load_caption_judge(folder: Path) -> CaptionJudgeNet:
-    """The saved judge in eval mode. A missing file, or a judge trained on another vocabulary, is one line."""
+def load_caption_judge(folder: Path) -> CaptionJudgeNet | None:
+    """The saved judge in eval mode, or None when the judge stage recorded that it is off (as `load_judge`). A
+    missing file, or a judge trained on another vocabulary, is one line."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+
+    def present(name: str) -> Path:
         if not (folder / name).is_file():
-            raise JudgeLoadError(f"{folder / name}: missing; the caption judge is saved there by "
-                                 f"save_caption_judge (run the judge stage first)")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+            raise JudgeLoadError(f"{folder / name}: missing; run `aligntok judge` first (it saves the caption "
+                                 f"judge there), or set judge.source=none")
+        return folder / name
+    config = json.loads(present(CONFIG_FILE).read_text())
+    if not config.get("enabled", True):
+        return None
+    present(WEIGHTS_FILE)
     vocabulary = {k: list(v) for k, v in ATTRIBUTES.items()}
     if config.get("attributes") != vocabulary:
         raise JudgeLoadError(f"{folder / CONFIG_FILE}: the judge was trained on the scene vocabulary "
@@ -149,9 +155,11 @@ def predict_attributes(judge: CaptionJudgeNet, images_uint8: torch.Tensor) -> li
             for row in _predict(judge, images_uint8)]
 
 
-def caption_scores(judge: CaptionJudgeNet, images_uint8: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+def caption_scores(judge: CaptionJudgeNet | None, images_uint8: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     """caption_acc (every attribute of the prompt right) and attr_acc_<attribute> of images against their prompts.
-    Keys carry no suffix: the caller names the sampler (`_judge`, `_cfg`)."""
+    Keys carry no suffix: the caller names the sampler (`_judge`, `_cfg`). No judge (switched off): no scores."""
+    if judge is None:
+        return {}
     if len(prompts) != len(images_uint8) or not prompts:
         raise ValueError(f"caption_scores: {len(images_uint8)} images and {len(prompts)} prompts; "
                          f"expected as many of each, at least one")
