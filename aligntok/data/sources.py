@@ -1,4 +1,8 @@
-"""`prepare`: a source (synthetic, image folder, parquet shards) -> centre-cropped parquet shards + manifest.
+"""`prepare`: a source -> centre-cropped parquet shards + manifest.
+
+Class sources: synthetic shapes, an image folder (root/<class>/<images>), prepared parquet shards. Captioned
+sources (their shards carry a `caption` column; the manifest says `"captioned": true`): synthetic scenes, WebDataset
+tar shards and img2dataset parquet (`aligntok.data.webdataset`), and prepared parquet shards of a captioned set.
 
 Bad images (unreadable, truncated, zero-byte, not an image, too small, decompression bombs) are skipped and
 listed in the manifest with their reason; they never stop the run. The train/val split is decided by a hash of
@@ -12,8 +16,6 @@ bytes, manifest, content hash) is the same for any number of workers and any num
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,13 +24,15 @@ import pyarrow.parquet as pq
 
 from aligntok.cpus import usable_cpus
 from aligntok.data.images import MIN_SIDE, Skip, center_crop, encode_png, load_image, to_rgb
-from aligntok.data.shards import MANIFEST, ROW_GROUP_ROWS, SPLITS, DataError, read_manifest
+from aligntok.data.shards import MANIFEST, PROGRESS, ROW_GROUP_ROWS, SPLITS, DataError, publish, read_manifest
 from aligntok.data.synthetic import SYNTHETIC_CLASSES
-from aligntok.data.units import PROGRESS, Unit, build_unit, finished, fingerprint
-from aligntok.io import write_json_atomic
+from aligntok.data.units import Unit, build_unit, finished, fingerprint
+from aligntok.data.webdataset import img2dataset_items, webdataset_items
 from aligntok.progress import progress
 
-SOURCES = ("synthetic", "imagefolder", "parquet")
+SOURCES = ("synthetic", "scenes", "imagefolder", "parquet", "webdataset", "img2dataset")
+CAPTIONED = ("scenes", "webdataset", "img2dataset")  # and parquet, when its shards have a caption column
+GENERATED = ("synthetic", "scenes")  # drawn, not read: no data.root, no val folder
 
 __all__ = ["DataError", "Skip", "prepare_dataset", "center_crop", "to_rgb", "encode_png", "load_image",
            "resolve_workers"]
@@ -55,6 +59,16 @@ def _synthetic(num_images: int | None, num_classes: int, seed: int):
     return SYNTHETIC_CLASSES[:num_classes], items
 
 
+def _scenes(num_images: int | None, seed: int):
+    """Captioned synthetic scenes; an image's label is its scene's shape (`aligntok.data.scenes`)."""
+    from aligntok.data.scenes import SCENE_CLASSES, scene_attributes, scene_label
+
+    if not num_images:
+        raise DataError(f"data.num_images: given {num_images}; the scenes source needs a positive count")
+    items = [(f"scene-{i:08d}", scene_label(scene_attributes(i, seed)), ("scene", i, seed)) for i in range(num_images)]
+    return list(SCENE_CLASSES), items
+
+
 def _imagefolder(root: Path):
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found; expected root/<class>/<image files>")
@@ -70,7 +84,8 @@ def _imagefolder(root: Path):
 
 
 def _parquet(root: Path):
-    """Keys and labels from the shards' small columns; image bytes are read later, by the unit that needs them."""
+    """Keys and labels from the shards' small columns; image bytes (and captions) are read later, by the unit that
+    needs them. Returns (class names, items, captioned)."""
     if root.is_file():
         shards, classes = [root], None
     elif (root / MANIFEST).exists():
@@ -81,11 +96,12 @@ def _parquet(root: Path):
         shards, classes = sorted(root.glob("*.parquet")), None
     if not shards:
         raise DataError(f"{root}: no parquet shards found; expected a prepared data folder or *.parquet files")
-    items, names = [], {}
+    items, names, captioned = [], {}, []
     for path in shards:
         try:
             stat = path.stat()
             with pq.ParquetFile(path) as pf:
+                captioned.append("caption" in pf.schema_arrow.names)
                 for g in range(pf.metadata.num_row_groups):
                     t = pf.read_row_group(g, columns=["key", "label", "class_name"])
                     for off, (key, label, name) in enumerate(zip(*(t.column(c).to_pylist() for c in t.column_names))):
@@ -96,7 +112,11 @@ def _parquet(root: Path):
                             f"columns key, image, label, class_name") from None
     if classes is None:
         classes = [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
-    return classes, items
+    if not all(c == captioned[0] for c in captioned):
+        odd = shards[captioned.index(not captioned[0])]
+        raise DataError(f"{odd}: {'a' if captioned[0] is False else 'no'} caption column, unlike {shards[0]}; "
+                        f"expected the shards of one data set")
+    return classes, items, captioned[0]
 
 
 def _plan(items, splits, limit, shard_rows, shard_dir: Path, unit_args: dict) -> dict[str, list[Unit]]:
@@ -136,31 +156,31 @@ def _run(units: list[Unit], workers: int) -> dict[str, dict]:
     return records
 
 
-def _remove_stale(folder: Path, keep: set[str]) -> None:
-    for stale in [*folder.glob("*.parquet"), *folder.glob(".*.parquet.*.tmp")]:
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)
-    for side in (folder / PROGRESS).glob("*.json*"):
-        if side.name.startswith(".") or side.name[:-len(".json")] not in keep:  # torn temp files, old shards
-            side.unlink(missing_ok=True)
-
-
-def _load(source: str, root: Path | None, out_dir: Path, field: str):
-    """(class_names, items) of a folder source; `field` names the setting in errors."""
+def _load(source: str, root: Path | None, out_dir: Path, field: str, caption_column: str = "caption"):
+    """(class_names, items, captioned) of a folder source; `field` names the setting in errors."""
     if root is None:
         raise DataError(f"{field}: not set; the {source} source needs a directory")
     if not Path(root).exists():
         raise DataError(f"{field}: {root} does not exist; expected the {source} source directory")
     if Path(root).resolve() == out_dir.resolve():
         raise DataError(f"{field}: {root} is the output folder; prepare into another folder")
-    return _imagefolder(Path(root)) if source == "imagefolder" else _parquet(Path(root))
+    if source == "parquet":
+        return _parquet(Path(root))
+    if source == "webdataset":
+        return (*webdataset_items(Path(root)), True)
+    if source == "img2dataset":
+        return (*img2dataset_items(Path(root), caption_column), True)
+    return (*_imagefolder(Path(root)), False)
 
 
-def _val_items(source: str, val_root: Path, classes, out_dir: Path) -> list:
+def _val_items(source: str, val_root: Path, classes, captioned: bool, out_dir: Path, caption_column: str) -> list:
     """The val split from its own folder (e.g. the ImageNet val set in class folders): labels by class name."""
-    if source == "synthetic":
-        raise DataError("data.val_root: the synthetic source has no val folder; expected null")
-    val_classes, items = _load(source, val_root, out_dir, "data.val_root")
+    if source in GENERATED:
+        raise DataError(f"data.val_root: the {source} source has no val folder; expected null")
+    val_classes, items, val_captioned = _load(source, val_root, out_dir, "data.val_root", caption_column)
+    if val_captioned != captioned:
+        raise DataError(f"{val_root}: {'captioned' if val_captioned else 'uncaptioned'} images, unlike data.root; "
+                        f"expected the same kind of data set")
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in val_classes if c not in index]
     if unknown:
@@ -172,7 +192,8 @@ def _val_items(source: str, val_root: Path, classes, out_dir: Path) -> list:
 def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution: int, num_images: int | None,
                     num_classes: int, val_fraction: float, shard_rows: int, seed: int,
                     max_image_pixels: int = 89_478_485, workers: int | None = 1, work_dir: Path | None = None,
-                    row_group_rows: int = ROW_GROUP_ROWS, val_root: Path | None = None) -> dict:
+                    row_group_rows: int = ROW_GROUP_ROWS, val_root: Path | None = None,
+                    caption_column: str = "caption", task: str = "class") -> dict:
     """Prepare `source` into `out_dir` (shards + manifest.json, written last); returns the manifest.
 
     `workers`: processes (None = every core; 1, the default, = this process). `work_dir`: where shards and
@@ -182,6 +203,7 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
     With `num_images`, the first `num_images` usable images of the source are kept (skipped ones are topped up).
     With `val_root` (same kind of source, same class names), the val split is every image of that folder and
     `val_fraction` must be 0; `num_images` then caps the train split only.
+    `caption_column`: the img2dataset source's caption column. `task` "text" refuses a source without captions.
     """
     if source not in SOURCES:
         raise DataError(f"data.source: given {source!r}; expected one of {', '.join(SOURCES)}")
@@ -198,10 +220,16 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
         raise DataError(f"data.num_images: given {num_images}; expected a positive count or null for all")
     out_dir = Path(out_dir)
     if source == "synthetic":
-        classes, items = _synthetic(num_images, num_classes, seed)
+        classes, items, captioned = *_synthetic(num_images, num_classes, seed), False
+    elif source == "scenes":
+        classes, items, captioned = *_scenes(num_images, seed), True
     else:
-        classes, items = _load(source, root, out_dir, "data.root")
-    val_items = _val_items(source, Path(val_root), classes, out_dir) if val_root is not None else []
+        classes, items, captioned = _load(source, root, out_dir, "data.root", caption_column)
+    if task == "text" and not captioned:
+        raise DataError(f"data.root: {root} holds no captions (a class data set); expected a captioned source for "
+                        f"task text (scenes, webdataset, img2dataset, or parquet prepared from one)")
+    val_items = (_val_items(source, Path(val_root), classes, captioned, out_dir, caption_column)
+                 if val_root is not None else [])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # a run that dies midway leaves no manifest over mixed shards
     shard_dir = Path(work_dir) if work_dir is not None else out_dir
@@ -211,7 +239,7 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
     splits = ["val"] * len(val_items) + [split_of(key, val_fraction) for key, _, _ in items]
     first, items = len(val_items), val_items + items
     unit_args = {"resolution": resolution, "max_pixels": max_image_pixels, "class_names": tuple(classes),
-                 "row_group_rows": row_group_rows}
+                 "row_group_rows": row_group_rows, "captioned": captioned}
     limit = len(items) if num_images is None else min(first + num_images, len(items))
     while True:  # with a cap, add as many items as were skipped until the cap or the source runs out
         units = _plan(items, splits, limit, shard_rows, shard_dir, unit_args)
@@ -225,47 +253,5 @@ def prepare_dataset(source: str, out_dir: Path, *, root: Path | None, resolution
         where = root if root is not None else source
         skipped = sum(len(r["skipped"]) for r in records.values())
         raise DataError(f"{where}: no usable images ({skipped} skipped); expected at least one valid image")
-    return _finish(source, root, out_dir, shard_dir, units, records, classes, seed, val_fraction, shard_rows,
-                   row_group_rows, resolution, val_root)
-
-
-def _finish(source, root, out_dir: Path, shard_dir: Path, units, records, classes, seed, val_fraction,
-            shard_rows, row_group_rows, resolution, val_root) -> dict:
-    """Drop stale files, publish the shards in `out_dir`, then write the manifest (last)."""
-    shards = {s: [{"file": u.file, "rows": records[u.file]["rows"]} for u in units[s]] for s in SPLITS}
-    keep = {u.file for s in SPLITS for u in units[s]}
-    _remove_stale(shard_dir, keep)
-    if shard_dir != out_dir:
-        _remove_stale(out_dir, keep)
-        for name in sorted(keep):
-            _link(shard_dir / name, out_dir / name)
-    else:
-        shutil.rmtree(shard_dir / PROGRESS, ignore_errors=True)
-    counts, digests = {}, {}
-    for s in SPLITS:
-        totals = [sum(records[u.file]["label_counts"][c] for u in units[s]) for c in range(len(classes))]
-        counts[s] = dict(zip(classes, totals))
-        digests[s] = hashlib.sha256(b"".join(bytes.fromhex(d) for u in units[s]
-                                             for d in records[u.file]["digests"])).digest()
-    skipped = sorted(x for r in records.values() for x in r["skipped"])
-    content = hashlib.sha256(b"".join(digests[s] for s in SPLITS)).hexdigest()
-    manifest = {"version": 2, "source": source, "root": str(root) if root is not None else None,
-                "val_root": str(val_root) if val_root is not None else None,
-                "resolution": resolution, "num_classes": len(classes), "class_names": list(classes), "seed": seed,
-                "val_fraction": val_fraction, "shard_rows": shard_rows, "row_group_rows": row_group_rows,
-                "image_format": "png", "num_images": {s: sum(counts[s].values()) for s in SPLITS},
-                "counts": counts, "shards": shards,
-                "skipped": [{"path": key, "reason": reason} for _, key, reason in skipped], "content_hash": content}
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    return manifest
-
-
-def _link(src: Path, dst: Path) -> None:
-    """Hard-link a finished shard into the output folder (a copy across file systems)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    return publish(source, root, out_dir, shard_dir, units, records, classes, seed, val_fraction, shard_rows,
+                   row_group_rows, resolution, val_root, captioned)

@@ -25,7 +25,8 @@ def run(params: Params, args) -> int:
                                        val_fraction=d.val_fraction, shard_rows=d.shard_rows, seed=params.seed,
                                        max_image_pixels=d.max_image_pixels, workers=resolve_workers(d.num_workers),
                                        work_dir=CHECKPOINTS / "prepare" / d.name,
-                                       val_root=Path(d.val_root) if d.val_root else None)
+                                       val_root=Path(d.val_root) if d.val_root else None,
+                                       caption_column=d.caption_column, task=params.task)
         except DataError as e:
             raise ConfigError(str(e)) from None
         counts = {f"{split}_images": sum(c.values()) if isinstance(c, dict) else c
