@@ -46,7 +46,7 @@ def encode_prompts(params: Params, prompts: list[str], device, dit_config: dict)
     from aligntok.models.text_encoder import TextEncoder
     encoder = TextEncoder.load(params.text.encoder, params.text.max_tokens, device)
     trained = dit_config.get("text_encoder_hash")
-    if trained and getattr(encoder, "encoder_hash", trained) != trained:
+    if trained and encoder.hash != trained:
         raise PromptError(f"text.encoder: {params.text.encoder!r} (max_tokens {params.text.max_tokens}) is not the "
                           f"encoder the DiT was trained with ({dit_config.get('text_encoder')}); expected the same")
     if encoder.dim != dit_config["text_dim"]:
@@ -69,21 +69,33 @@ def attach_prompts(gen, params: Params, data_dir: Path, limit: int) -> tuple[lis
     return prompts, source
 
 
-def prompt_reference(params: Params, data_dir: Path, extractor, coord, cache_dir: Path) -> dict | None:
+def folder_reference(params: Params, extractor, count: int) -> dict:
+    """Features and statistics of the first `count` images of `text.prompt_images` (one per prompt), read and
+    extracted a batch at a time."""
+    from aligntok.data.prompts import prompt_images, reference_image
+    from aligntok.eval.features import extract
+    from aligntok.eval.metrics import feature_stats
+    if params.text.prompts:  # the prompt set may be shorter than eval.num_samples
+        from aligntok.data.prompts import read_prompts
+        count = min(count, len(read_prompts(params.text.prompts)))
+    files, feats = prompt_images(params.text.prompt_images, count), []
+    for start in range(0, len(files), params.eval.batch_size):
+        batch = np.stack([np.asarray(reference_image(f, params.data.resolution))
+                          for f in files[start:start + params.eval.batch_size]])
+        feats.append(extract(extractor, batch, batch_size=params.eval.batch_size)[0])
+    feats = np.concatenate(feats)
+    mu, sigma = feature_stats(feats)
+    return {"mu": mu, "sigma": sigma, "features": feats, "name": str(params.text.prompt_images), "count": len(feats),
+            "stats": "prompt-images"}
+
+
+def prompt_reference(params: Params, data_dir: Path, extractor, coord, cache_dir: Path,
+                     count: int) -> dict | None:
     """The prompt set's images as the FD/FID reference (on rank 0; None elsewhere)."""
     from aligntok.data.dataset import loader_workers
     from aligntok.eval.reference import train_reference
     if params.text.prompt_images:
-        if not coord.is_main:
-            return None
-        from aligntok.data.prompts import prompt_images
-        from aligntok.eval.features import extract
-        from aligntok.eval.metrics import feature_stats
-        images = prompt_images(params.text.prompt_images, params.data.resolution)
-        feats, _ = extract(extractor, images, batch_size=params.eval.batch_size)
-        mu, sigma = feature_stats(feats)
-        return {"mu": mu, "sigma": sigma, "features": feats, "name": str(params.text.prompt_images),
-                "count": len(feats), "stats": "prompt-images"}
+        return folder_reference(params, extractor, count) if coord.is_main else None
     workers = loader_workers(params.data.num_workers, params.launcher.nproc_per_node)
     return train_reference(extractor, coord, data_dir, cache_dir, f"{params.data.name}-val",
                            batch_size=params.eval.batch_size, num_workers=workers, split="val")

@@ -226,7 +226,7 @@ def evaluate(params: Params, args, dist) -> int:
     extractor = feature_extractor(params).to(dist.device)
     if params.task == "text" and not (args.samples or args.reference):
         from aligntok.eval.t2i import prompt_reference
-        ref = prompt_reference(params, data_dir(params), extractor, coord, REFERENCE_DIR)
+        ref = prompt_reference(params, data_dir(params), extractor, coord, REFERENCE_DIR, params.eval.num_samples)
     else:
         ref = reference(params, args.reference or params.eval.reference, extractor, coord)
     protocol = protocol_of(params, extractor, ref)
