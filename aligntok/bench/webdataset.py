@@ -1,8 +1,9 @@
 """The WebDataset reader's throughput: images/s of `prepare` over img2dataset-style tar shards (key.jpg + key.txt
 + key.json), with N worker processes, on synthetic photos written to a temporary folder.
 
-Two figures: the planning pass alone (tar headers walked, no image bytes read) and the whole prepare (planning,
-then each unit reading its members by offset, decoding, centre-cropping and writing its shard)."""
+Three figures: the planning pass alone (tar headers walked, no image bytes read), the whole prepare (planning,
+then each unit reading its members by offset, decoding, centre-cropping and writing its shard), and, as its
+single-core bound, decode + centre-crop + PNG encode of the same JPEG bytes already in memory, in this process."""
 from __future__ import annotations
 
 import io
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from aligntok.data.images import encode_png, load_image
 from aligntok.data.sources import prepare_dataset
 from aligntok.data.synthetic import SYNTHETIC_CLASSES, synthetic_image
 from aligntok.data.webdataset import webdataset_items
@@ -49,6 +51,16 @@ def write_tars(root: Path, images: int, per_tar: int = SAMPLES_PER_TAR) -> list[
     return paths
 
 
+def _decode_rate(tar_path: Path, resolution: int, limit: int = 64) -> float:
+    """images/s of decode + crop + encode over the first `limit` JPEGs of a tar, bytes already in memory."""
+    with tarfile.open(tar_path) as tar:
+        datas = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")][:limit]
+    t = time.perf_counter()
+    for d in datas:
+        encode_png(load_image(d, resolution, 89_478_485))
+    return len(datas) / (time.perf_counter() - t)
+
+
 def bench_webdataset(workers: int = 1, images: int = 256, resolution: int = 64,
                      folder: Path | None = None) -> dict:
     """images/s of prepare over synthetic WebDataset shards with `workers` processes (see the module docstring)."""
@@ -68,8 +80,9 @@ def bench_webdataset(workers: int = 1, images: int = 256, resolution: int = 64,
                                    num_images=None, num_classes=1, val_fraction=0.0,
                                    shard_rows=max(8, images // (4 * max(1, workers))), seed=0, workers=workers)
         seconds = time.perf_counter() - t
+        decode = _decode_rate(tars[0], resolution)
     kept = manifest["num_images"]["train"]
     return {"workers": workers, "images": kept, "resolution": resolution, "tars": len(tars),
             "tar_mb": round(size / 2 ** 20, 2), "plan_s": round(plan_s, 4),
             "plan_samples_per_s": round(len(items) / plan_s, 1), "seconds": round(seconds, 3),
-            "img_per_s": round(kept / seconds, 1)}
+            "img_per_s": round(kept / seconds, 1), "decode_img_per_s_1core": round(decode, 1)}
