@@ -69,11 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", help="an ADM reference batch .npz instead of the prepared train images")
             p.add_argument("--out", help="metrics file (default outputs/metrics/evaluate.json)")
     b = sub.add_parser("bench", help="benchmarks: throughput and FLOP/s on this machine")
-    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "ddp", "eval", "scale", "loader", "sync"])
+    b.add_argument("target", choices=["prepare", "tokenizer", "dit", "ddp", "eval", "scale", "loader", "sync",
+                                      "t2i-dit", "text-cache", "webdataset"])
     b.add_argument("--out", help="also write the figures as JSON here")
     b.add_argument("--quick", action="store_true", help="fewer steps/sizes (CI smoke of the benchmark)")
     b.add_argument("--reference-root", metavar="DIR",
                    help="dit only: LightningDiT checkout to compare with (default: $LIGHTNINGDIT_ROOT)")
+    b.add_argument("--caption-len", type=int,
+                   help="t2i-dit: caption tokens (default: 120 on CUDA, 32 on CPU); text-cache: max_tokens (32)")
+    b.add_argument("--text-dim", type=int, help="t2i-dit: encoder state width (default: 4096 on CUDA, 384 on CPU)")
+    b.add_argument("--encoder", help="text-cache: text encoder id or folder (default: all-MiniLM-L6-v2)")
+    b.add_argument("--captions", type=int, help="text-cache: captions encoded (default: 512)")
+    b.add_argument("--workers", help="webdataset: reader processes, a count or a comma list (default: 1 and all CPUs)")
+    b.add_argument("--images", type=int, help="webdataset: images in the tar shards (default: 256)")
+    b.add_argument("--resolution", type=int, help="webdataset: prepared image side (default: 64)")
     c = sub.add_parser("compare", help="print MLflow pipeline runs side by side: differing params, key metrics")
     _common(c)
     c.add_argument("--experiment", default=None)
@@ -123,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             return _switch_profile(args.name, Path(args.params))
         if args.command == "bench":
             from aligntok.stages.bench import run_bench
-            return run_bench(args.target, args.out, args.quick, args.reference_root)
+            return run_bench(args.target, args.out, args.quick, args.reference_root,
+                             **{k: getattr(args, k) for k in ("caption_len", "text_dim", "encoder", "captions",
+                                                              "workers", "images", "resolution")})
         # preflight reports missing paths as rows of its table, not as the first config error
         params = load_params(args.params, args.overrides, check_paths=args.command != "preflight")
     except ConfigError as e:
