@@ -2,8 +2,9 @@
 
 A stage that fetches a weight file at first use fails after hours of training on an offline node (and its rerun
 trains 0 steps and fails again). `require_stage` resolves every file the stage will load, through the functions
-the stage's loaders call themselves (`resolve_encoder_weights`, `resolve_lpips_weights`, `resolve_feature_weights`),
-so a file that passes is the file the stage loads; the CLI calls it before dispatching any stage.
+the stage's loaders call themselves (`resolve_encoder_weights`, `resolve_lpips_weights`, `resolve_feature_weights`,
+`resolve_external_vae`), so a file that passes is the file the stage loads; the CLI calls it before dispatching any
+stage.
 Online, resolving downloads into the same caches the loaders read, so the stage itself never waits on the network.
 
 `profile_checks` adds what a first run on a cluster needs: data folders, the reference batch, torch's CUDA build
@@ -53,6 +54,13 @@ def _encoder(p: Params) -> str:
     return f"{p.encoder.arch} ({p.encoder.pretrained}): {path or 'random init'}"
 
 
+def _external(p: Params) -> str:
+    from aligntok.models.external import resolve_external_vae
+    t = p.tokenizer
+    sub = f" (subfolder {t.external_subfolder})" if t.external_subfolder else ""
+    return f"{t.external}{sub}: {resolve_external_vae(t.external, t.external_subfolder)}"
+
+
 def _lpips(p: Params) -> str:
     from aligntok.losses import resolve_lpips_weights
     files = resolve_lpips_weights(p.lpips.net, p.lpips.pretrained_backbone)
@@ -73,6 +81,8 @@ def weight_needs(stage: str, params: Params) -> dict[str, Callable[[], str]]:
     needs: dict[str, Callable[[], str]] = {}
     if stage == "tokenizer-stage1" and params.tokenizer.kind == "aligntok":  # later stages load saved tokenizers
         needs["encoder.pretrained"] = lambda: _encoder(params)
+    if stage == "tokenizer-stage1" and params.tokenizer.kind == "external":  # the pretrained VAE stage 1 saves
+        needs["tokenizer.external"] = lambda: _external(params)
     if stage in TOKENIZER_STAGES or stage == "evaluate":  # training loss and/or reconstruction metrics, rFID
         needs["lpips.pretrained_backbone"] = lambda: _lpips(params)
         needs["eval.fid_backbone"] = lambda: _features(params)

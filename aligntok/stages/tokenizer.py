@@ -11,6 +11,10 @@ The GAN carries over: each stage exports its discriminator and that optimiser's 
 (outputs/tokenizer/stageN/discriminator/), and the next stage starts from them, so stage 2's adversarial
 gradients into the freshly unfrozen encoder come from a trained discriminator, not a random one at disc_start 0.
 A stage without a GAN (disc_weight 0, or a pass-through) hands the previous one on unchanged.
+
+tokenizer.kind external (a pretrained diffusers AutoencoderKL, aligntok.models.external) trains in no stage: stage 1
+loads tokenizer.external and writes its folder, stages 2 and 3 pass it on (their steps are not read); each stage
+still measures it, so the baseline's rFID/PSNR/SSIM/LPIPS sit beside the trained tokenizers'.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from aligntok.config import Params, TokenizerStageConfig
-from aligntok.fingerprint import file_hash
+from aligntok.fingerprint import file_hash, tokenizer_hash
 from aligntok.stages.common import (CHECKPOINTS, data_dir, feature_extractor, tokenizer_dir, write_metrics,
                                     write_plots)
 from aligntok.train.checkpoint import find_checkpoint
@@ -170,6 +174,10 @@ class TokenizerRecipe:
 def build_stage_model(params: Params, stage: int):
     from aligntok.models.tokenizer import AlignTokenizer
 
+    if stage == 1 and params.tokenizer.kind == "external":
+        from aligntok.models.external import ExternalTokenizer
+        t = params.tokenizer
+        return ExternalTokenizer.from_source(t.external, t.external_subfolder, params.data.resolution)
     if stage == 1:
         return AlignTokenizer(tokenizer_config(params))
     prev = tokenizer_dir(stage - 1)
@@ -181,7 +189,7 @@ def input_hash(params: Params, stage: int) -> str:
         from aligntok.data.shards import read_manifest
         return read_manifest(data_dir(params))["content_hash"]
     prev = discriminator_dir(stage - 1)  # the carried discriminator is an input too
-    return "-".join([file_hash(tokenizer_dir(stage - 1) / "model.safetensors"),
+    return "-".join([tokenizer_hash(tokenizer_dir(stage - 1)),
                      *(file_hash(prev / f) for f in (DISC_WEIGHTS, DISC_OPTIMIZER) if (prev / f).exists())])
 
 
@@ -222,15 +230,20 @@ def run(params: Params, args) -> int:
     stage = int(args.stage[-1])
     name = f"tokenizer-stage{stage}"
     cfg: TokenizerStageConfig = getattr(params.tokenizer, f"stage{stage}")
-    if stage == 1 and cfg.steps == 0:
+    external = params.tokenizer.kind == "external"  # a pretrained VAE: no stage trains it
+    if stage == 1 and cfg.steps == 0 and not external:
         from aligntok.config import ConfigError
         raise ConfigError("tokenizer.stage1.steps: 0 given; stage 1 must train (only stages 2 and 3 may pass through)")
     dist = init_distributed(params.launcher.device, timeout_s=params.launcher.timeout_s)
     torch.manual_seed(params.seed + 1000 * stage + dist.rank)
     model = build_stage_model(params, stage).to(dist.device)
-    target = load_tokenizer(1, dist.device) if stage == 2 else None
     lpips_fn = build_lpips(params.lpips.net, params.lpips.pretrained_backbone).to(dist.device)
-    recipe, disc_init = stage_recipe(params, stage, model, target, lpips_fn, dist.device)
+    if external:  # its own stage-1 reference for the semantic cosine (1.0): no second copy is loaded
+        target, (recipe, disc_init) = model if stage > 1 else None, (None, "none")
+    else:
+        target = load_tokenizer(1, dist.device) if stage == 2 else None
+        recipe, disc_init = stage_recipe(params, stage, model, target, lpips_fn, dist.device)
+    trains = cfg.steps > 0 and not external
     train_set = ShardDataset(data_dir(params), "train")
     config_hash = state_hash(params.result_hash(f"tokenizer.stage{stage}", "encoder", "lpips", "data"),
                              tokenizer_config(params), input_hash(params, stage), params.seed)
@@ -238,7 +251,7 @@ def run(params: Params, args) -> int:
     resume = find_checkpoint(ckpt_dir, config_hash)
     workers = loader_workers(params.data.num_workers, params.launcher.nproc_per_node)
     with stage_run(params, name, resume.run_id if resume else None) as tracker:
-        if cfg.steps == 0:  # pass-through: the previous stage's model, unchanged
+        if not trains:  # pass-through (the previous stage's model, unchanged), or the external VAE as loaded
             result = {"ema": {}, "history": [], "step": 0}
         else:
             result = train(recipe, train_set, cfg, dist=dist, ckpt_dir=ckpt_dir, config_hash=config_hash,
@@ -249,7 +262,7 @@ def run(params: Params, args) -> int:
         if dist.is_main:
             final.save_pretrained(out)
             if stage < 3:
-                export_discriminator(recipe, stage, trained=cfg.steps > 0)
+                export_discriminator(recipe, stage, trained=trains)
         # every rank measures its share of the val images; the numbers come back on rank 0 only
         metrics = measure(params, final, stage, dist.device, Coord(dist.rank, dist.world_size), workers,
                           target=target, lpips_fn=lpips_fn)
