@@ -161,7 +161,10 @@ def run_text_cache(quick: bool = False, encoder: str | None = None, captions: in
           "max_tokens": _positive("--caption-len", caption_len, 32), "batch_size": 32 if quick else 64}
     rate = fn(**kw, device=dev)
     figures = dict(rate) if isinstance(rate, dict) else {"captions_per_s": float(rate)}
-    line = f"text cache ({kw['encoder']}, {kw['max_tokens']} tokens, {dev}): {figures.get('captions_per_s')} captions/s"
+    rate = figures.get("captions_per_s")
+    shown = f"{rate:.1f}" if isinstance(rate, (int, float)) else rate
+    line = (f"text cache ({kw['encoder']}, {kw['max_tokens']} tokens, batch {kw['batch_size']}, {dev}): "
+            f"{shown} captions/s")
     print(line, file=sys.stderr)
     return {"device": str(dev), **kw, **figures, "summary": [line]}
 
