@@ -37,19 +37,30 @@ def train_images(params: Params, base: Path) -> tuple[int, str]:
     return round(files / max(len(sample), 1) * len(classes)), f"files in {len(sample)} of {len(classes)} class folders"
 
 
+def latent_geometry(params: Params) -> tuple[int, int]:
+    """(latent channels, stride): the params', or for tokenizer.kind external the pretrained VAE's own."""
+    t = params.tokenizer
+    if t.kind == "external":
+        from aligntok.models.external import vae_geometry
+        return vae_geometry(t.external, t.external_subfolder)
+    return t.latent_channels, t.latent_stride
+
+
 def parameter_counts(params: Params) -> tuple[int, int]:
-    """(tokenizer, DiT) parameter counts, built on the meta device."""
+    """(tokenizer, DiT) parameter counts, built on the meta device; the tokenizer's is 0 for tokenizer.kind external,
+    which no stage trains (no tokenizer checkpoints)."""
     import torch
 
     from aligntok.models.dit import build_dit
     from aligntok.models.tokenizer import AlignTokenizer
     from aligntok.stages.tokenizer import tokenizer_config
-    grid = params.data.resolution // params.tokenizer.latent_stride
+    channels, stride = latent_geometry(params)
     with torch.device("meta"):
-        tok = AlignTokenizer(tokenizer_config(params), _load_encoder_weights=False)
-        dit = build_dit(params.dit.model, input_size=grid, in_channels=params.tokenizer.latent_channels,
+        tok = None if params.tokenizer.kind == "external" else AlignTokenizer(tokenizer_config(params),
+                                                                              _load_encoder_weights=False)
+        dit = build_dit(params.dit.model, input_size=params.data.resolution // stride, in_channels=channels,
                         num_classes=params.data.num_classes)
-    return sum(p.numel() for p in tok.parameters()), sum(p.numel() for p in dit.parameters())
+    return sum(p.numel() for p in tok.parameters()) if tok else 0, sum(p.numel() for p in dit.parameters())
 
 
 def _dvc_links(project: Path) -> bool:
@@ -65,11 +76,12 @@ def _dvc_links(project: Path) -> bool:
 def disk_estimate(params: Params, base: Path, project: Path) -> tuple[int, str]:
     """(bytes, how it was computed in one line)."""
     from aligntok.train.checkpoint import KEEP
-    d, t = params.data, params.tokenizer
+    d = params.data
     n, counted = train_images(params, base)
     raw = d.resolution ** 2 * 3
     images = n * raw * PNG_RATIO
-    latents = n * (2 if params.latents.hflip else 1) * t.latent_channels * (d.resolution // t.latent_stride) ** 2 * 4
+    channels, stride = latent_geometry(params)
+    latents = n * (2 if params.latents.hflip else 1) * channels * (d.resolution // stride) ** 2 * 4
     tok, dit = parameter_counts(params)
     ckpts = KEEP * BYTES_PER_PARAM * (3 * tok + dit)
     samples = 2 * 2 * params.eval.num_samples * raw

@@ -131,9 +131,10 @@ def test_a_cached_hub_id_resolves_offline(source, tmp_path, monkeypatch):
     assert tok.config["external"] == "black-forest-labs/FLUX.1-dev" and tok.latent_channels == 4
 
 
-def test_preflight_resolves_the_external_vae_for_stage_1_only(source, tmp_path):
+def test_preflight_resolves_the_external_vae_for_stage_1_and_sizes_its_latents(source, tmp_path):
     from aligntok.config import load_params
-    from aligntok.preflight import PreflightError, require_stage, weight_needs
+    from aligntok.preflight import PreflightError, require_stage, weight_checks, weight_needs
+    from aligntok.preflight_disk import disk_estimate, latent_geometry, parameter_counts
     base = load_params(ROOT / "profiles" / "ci.yaml")
     ext = base.model_copy(update={"tokenizer": base.tokenizer.model_copy(update={
         "kind": "external", "external": str(source), "external_subfolder": "vae"})})
@@ -141,6 +142,10 @@ def test_preflight_resolves_the_external_vae_for_stage_1_only(source, tmp_path):
     assert "encoder.pretrained" not in weight_needs("tokenizer-stage1", ext)  # nothing of the encoder is loaded
     assert "tokenizer.external" not in weight_needs("tokenizer-stage2", ext)  # later stages read the saved folder
     require_stage("tokenizer-stage1", ext)
+    [check] = [c for c in weight_checks(ext, ["tokenizer-stage1"]) if c.name == "weights tokenizer.external"]
+    assert check.ok and str(source / "vae") in check.detail
+    assert latent_geometry(ext) == (4, 2) and parameter_counts(ext)[0] == 0  # the VAE's latents; it never trains
+    assert disk_estimate(ext, ROOT / "profiles", ROOT)[0] > 0
     bad = ext.model_copy(update={"tokenizer": ext.tokenizer.model_copy(update={"external": str(tmp_path / "x")})})
     with pytest.raises(PreflightError, match=r"^tokenizer\.external: .*x not found"):
         require_stage("tokenizer-stage1", bad)

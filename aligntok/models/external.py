@@ -86,6 +86,17 @@ def resolve_external_vae(source: str, subfolder: str | None = None) -> Path:
     return _check_folder(root / subfolder if subfolder else root, what)
 
 
+def vae_geometry(source: str, subfolder: str | None = None) -> tuple[int, int]:
+    """(latent channels, latent stride) of tokenizer.external, from its config.json alone (no diffusers import)."""
+    folder = resolve_external_vae(source, subfolder)
+    config = json.loads((folder / VAE_CONFIG).read_text())
+    try:
+        return int(config["latent_channels"]), 2 ** (len(config["block_out_channels"]) - 1)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExternalLoadError(f"tokenizer.external: {folder / VAE_CONFIG}: no usable {e}; expected "
+                                "latent_channels and block_out_channels") from None
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
