@@ -11,11 +11,11 @@ from aligntok.bench.text import synthetic_captions
 from aligntok.models.text_encoder import PACKAGED, TextEncoder, TextEncoderError, resolve_text_encoder
 from tests.conftest import single_thread
 
-# Caption states of MiniLM (magnitudes up to ~6.3) computed for other sequence lengths: the GEMMs and softmax are
-# blocked differently, which reorders fp32 sums. Measured 3.2e-6 apart for the unpadded caption vs padded to 32
-# (0 between batch compositions and between 16 and 32 tokens of padding on one thread). atol 5e-5 leaves 15x margin
-# on a machine with another thread count; a leak of padding into the caption (no attention mask) moves the states
-# by > 0.05, 1000x the tolerance (checked below).
+# Caption states of MiniLM (magnitudes up to ~6.3) computed at other sequence lengths (the encoder runs at its
+# batch's longest caption): the GEMMs and softmax are blocked differently, which reorders fp32 sums. Measured
+# <= 3.2e-6 apart (a caption alone vs in a batch, vs transformers on it unpadded; on 1 and 2 threads). atol 5e-5
+# leaves 15x margin; a leak of padding into the caption (no attention mask) moves the states by > 0.05, 1000x the
+# tolerance (checked below).
 PADDING = dict(rtol=1e-5, atol=5e-5)
 CAPTIONS = synthetic_captions(12, seed=3) + ["a cat", "", "word " * 60]  # short, empty, cut at max_tokens
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

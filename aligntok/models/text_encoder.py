@@ -152,9 +152,13 @@ class TextEncoder:
         this encoder's device; every caption padded or cut to exactly max_tokens."""
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError("TextEncoder.encode: expected a list of caption strings")
-        tok = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_tokens,
+        # run at the batch's longest caption, then pad the output: short captions (scene, COCO: ~12 tokens) cost
+        # a third of max_tokens=32; a caption's states move with its batch by float rounding only (~1e-6)
+        tok = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_tokens,
                              return_tensors="pt")
         ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device).bool()
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state.float()
         # masked_fill, not a product: a row with no tokens at all may come out NaN from attention
-        return hidden.masked_fill(~mask[..., None], 0.0), mask
+        hidden = hidden.masked_fill(~mask[..., None], 0.0)
+        pad = self.max_tokens - mask.shape[1]
+        return torch.nn.functional.pad(hidden, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
