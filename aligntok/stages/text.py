@@ -110,16 +110,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def run(params: Params, args) -> int:
     if params.task == "class":
-        _publish({}, {"task": "class", "reason": "task is class: the DiT is conditioned on class labels, not "
-                                                 "captions; nothing to encode"})
-        write_metrics("cache-text", {"captions": 0, "encoded_this_run": 0, "captions_per_s": 0.0, "task": "class"})
-        print(f"cache-text: task class, no captions to encode ({TEXT_DIR / 'manifest.json'} says so)")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: one writer
+            _publish({}, {"task": "class", "reason": "task is class: the DiT is conditioned on class labels, not "
+                                                     "captions; nothing to encode"})
+            write_metrics("cache-text", {"captions": 0, "encoded_this_run": 0, "captions_per_s": 0.0,
+                                         "task": "class"})
+            print(f"cache-text: task class, no captions to encode ({TEXT_DIR / 'manifest.json'} says so)")
         return 0
 
+    from aligntok.data.dataset import contiguous_part
     from aligntok.data.shards import read_manifest
     from aligntok.data.text_cache import cache_manifest, encode_captions, shard_rows_of
     from aligntok.models.text_encoder import TextEncoder
-    from aligntok.data.dataset import contiguous_part
     from aligntok.tracking import stage_run
     from aligntok.train.dist import barrier, cleanup, init_distributed
 
