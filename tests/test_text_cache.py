@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 from aligntok.bench.text import bench_text_cache, synthetic_captions
 from aligntok.config import Params
+from aligntok.data.captions import iter_captions
 from aligntok.data.text_cache import TextCache, TextCacheError, cache_manifest, encode_captions, shard_name
 from aligntok.io import write_json_atomic
 from aligntok.models.text_encoder import PACKAGED, TextEncoder
@@ -192,12 +193,13 @@ def make_captioned_data(folder: Path, captions: list[str], per_file: int = 4) ->
         "num_classes": 0, "resolution": 32, "counts": {}, "content_hash": "c" * 64}))
 
 
-def test_captions_stream_in_split_order_and_skip_before_a_rank_block(tmp_path):
+def test_a_rank_block_gets_its_captions_past_the_others(tmp_path):
     captions = synthetic_captions(10, seed=6)
     make_captioned_data(tmp_path / "d", captions)
-    assert list(stage.read_captions(tmp_path / "d")) == list(stage.split_captions(tmp_path / "d")) == captions
-    of = stage.SequentialCaptions(stage.read_captions(tmp_path / "d"), "d")
+    of = stage.SequentialCaptions(iter_captions(tmp_path / "d", "train"), "d")
     assert of([5, 6]) == captions[5:7] and of([9]) == captions[9:]  # a rank's run of shards, past the others
+    with pytest.raises(TextCacheError, match=r"text-00002.safetensors: got 0 captions for images 10..11; expected 2"):
+        encode_captions(None, of, [2], tmp_path / "c", n=12, shard_rows=5, batch_size=4)  # the split ran out
 
 
 def test_cache_text_stage_for_both_tasks(minilm, tmp_path, isolated_mlflow, monkeypatch, capsys, one_thread):

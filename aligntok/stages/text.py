@@ -13,7 +13,7 @@ import itertools
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from aligntok.config import Params
@@ -27,39 +27,11 @@ TEXT_DIR = OUTPUTS / "text"
 SHARD_ROWS = 1024
 
 
-def read_captions(folder: Path, split: str = "train") -> Iterator[str]:
-    """The `caption` column of a prepared split, in split index order, one parquet row group at a time."""
-    import pyarrow.parquet as pq
-
-    from aligntok.data.shards import DataError, read_manifest
-    for shard in read_manifest(folder)["shards"][split]:
-        path = Path(folder) / shard["file"]
-        try:
-            pf = pq.ParquetFile(path)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{path}: unreadable parquet shard ({str(e).splitlines()[0][:120]})") from None
-        with pf:
-            if "caption" not in pf.schema_arrow.names:
-                raise DataError(f"{path}: shard has no 'caption' column; expected a captioned data set (task text: "
-                                "data.source scenes, webdataset or img2dataset, then `aligntok prepare`)")
-            for batch in pf.iter_batches(columns=["caption"]):
-                yield from batch.column(0).to_pylist()
-
-
-def split_captions(folder: Path, split: str = "train") -> Iterator[str]:
-    """`aligntok.data.captions.iter_captions` where it exists, else `read_captions`."""
-    try:
-        from aligntok.data.captions import iter_captions
-    except ImportError:
-        return read_captions(folder, split)
-    return iter_captions(folder, split)
-
-
 class SequentialCaptions:
     """`captions_of` for `encode_captions` over one pass of a caption stream: blocks must come in rising order
     (a rank's contiguous shards); captions before a block are skipped, never held."""
 
-    def __init__(self, captions: Iterator[str], where: str):
+    def __init__(self, captions: Iterable[str], where: str):
         self.it, self.pos, self.where = iter(captions), 0, where
 
     def __call__(self, block: list[int]) -> list[str]:
@@ -118,6 +90,7 @@ def run(params: Params, args) -> int:
             print(f"cache-text: task class, no captions to encode ({TEXT_DIR / 'manifest.json'} says so)")
         return 0
 
+    from aligntok.data.captions import iter_captions
     from aligntok.data.dataset import contiguous_part
     from aligntok.data.shards import read_manifest
     from aligntok.data.text_cache import cache_manifest, encode_captions, shard_rows_of
@@ -138,7 +111,7 @@ def run(params: Params, args) -> int:
         per_shard = getattr(t, "shard_rows", SHARD_ROWS)
         mine = contiguous_part(-(-n // per_shard), dist.rank, dist.world_size)  # as cache-latents' rank_shards
         records, encoded, reused = encode_captions(
-            encoder, SequentialCaptions(split_captions(folder, "train"), str(folder)), mine, work, n=n,
+            encoder, SequentialCaptions(iter_captions(folder, "train"), str(folder)), mine, work, n=n,
             shard_rows=per_shard, batch_size=t.batch_size, show_progress=dist.is_main)
         if reused:
             print(f"cache-text: rank {dist.rank} reused {reused} of {len(records)} finished shards from {work}",
@@ -146,7 +119,7 @@ def run(params: Params, args) -> int:
         seconds = time.perf_counter() - t0
         barrier()
         if dist.is_main:
-            captions = SequentialCaptions(split_captions(folder, "train"), str(folder))
+            captions = SequentialCaptions(iter_captions(folder, "train"), str(folder))
             shards = expected_shards(work, n, per_shard, encoder.hash, captions)
             records = [{"file": s, "rows": len(shard_rows_of(k, n, per_shard))} for k, s in enumerate(shards)]
             manifest = cache_manifest(encoder, n, records, data_content_hash=data_manifest["content_hash"])
