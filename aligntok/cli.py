@@ -216,8 +216,13 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from aligntok.train.checkpoint import CheckpointWriteError
     from aligntok.train.dist import SharedDirError
     from aligntok.train.loop import TrainingDiverged
+    from aligntok.data.text_cache import TextCacheError
+    from aligntok.eval.clip_score import ClipModelError
+    from aligntok.eval.t2i import PromptError
+    from aligntok.models.text_encoder import TextEncoderError
     return (DataError, LatentCacheError, NpzError, MetricError, TokenizerLoadError, EncoderLoadError, DitLoadError,
-            JudgeLoadError, WriteError, CheckpointWriteError, TrainingDiverged, SharedDirError)
+            JudgeLoadError, WriteError, CheckpointWriteError, TrainingDiverged, SharedDirError, TextEncoderError,
+            TextCacheError, PromptError, ClipModelError)
 
 
 def _preflight(params, params_path: Path) -> int:

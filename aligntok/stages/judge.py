@@ -27,7 +27,7 @@ def run(params: Params, args) -> int:
             save_caption_judge(judge, JUDGE_DIR, {"enabled": True, **facts})
             write_metrics("judge", {"enabled": 1, **facts, "data": "held-out scenes"}, tracker)
             print(f"judge: held-out caption accuracy {facts['heldout_caption_acc']:.3f} "
-                  f"(chance {facts['caption_acc']:.4f})")
+                  f"(chance {facts['chance_caption_acc']:.4f})")
             return 0
         judge, facts = train_judge(d.num_classes, d.resolution, params.seed, j.train_images, j.test_images,
                                    j.steps, j.batch_size, j.lr)

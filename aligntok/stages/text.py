@@ -18,11 +18,10 @@ from pathlib import Path
 
 from aligntok.config import Params
 from aligntok.io import replace_dir, write_json_atomic
-from aligntok.stages.common import CHECKPOINTS, OUTPUTS, data_dir, write_metrics
+from aligntok.stages.common import CHECKPOINTS, TEXT_DIR, data_dir, write_metrics
 
 # torch, transformers and the cache module are imported where used: the class task's run stops in well under a second
 
-TEXT_DIR = OUTPUTS / "text"
 # captions per shard unless params give `text.shard_rows`: 24 MiB of 32 x 384 fp16 states, 256 MiB at 4096 dims
 SHARD_ROWS = 1024
 
