@@ -84,6 +84,20 @@ def test_folder_round_trip_gives_identical_outputs_and_a_stable_hash(source, tmp
     assert tokenizer_hash(tmp_path / "again") == tokenizer_hash(tmp_path / "tok")
 
 
+def test_the_registered_mlflow_model_encodes_with_it(source, tmp_path):
+    """Stage 3 registers the tokenizer folder as an MLflow pyfunc model: its predict encodes with the external VAE."""
+    from types import SimpleNamespace
+
+    from aligntok.tracking.registry_model import ExportedModel
+    model = ExportedModel()  # mlflow warns that predict has no type hints: that is registry_model's, as it was
+    tok = ExternalTokenizer.from_source(str(source), "vae", RES)
+    tok.save_pretrained(tmp_path / "tok")
+    model.load_context(SimpleNamespace(artifacts={"export": str(tmp_path / "tok")}))
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(model.predict(None, x.numpy())), tok.encode(x))
+
+
 def test_a_damaged_folder_is_one_line(source, tmp_path):
     from safetensors.torch import load_file, save_file
     ExternalTokenizer.from_source(str(source), "vae", RES).save_pretrained(tmp_path / "tok")

@@ -16,7 +16,7 @@ class ExportedModel(PythonModel):
         self.folder = Path(context.artifacts["export"])
         self.kind = json.loads((self.folder / "config.json").read_text()).get("kind", "dit")
         self.model = None
-        if self.kind in ("aligntok", "vae"):
+        if self.kind in ("aligntok", "vae", "external"):  # external: a pretrained diffusers VAE (models/external.py)
             from aligntok.models.tokenizer import AlignTokenizer
             self.model = AlignTokenizer.from_pretrained(self.folder).eval()
 
