@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DVC_NO_ANALYTICS = 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS = 90
 
-.PHONY: install demo test test-slow test-all test-fast test-random mutants ablation sweep-sp study bench clean
+.PHONY: install demo test test-slow test-all test-fast test-random mutants ablation sweep-sp study study-t2i bench clean
 
 # Re-installs only when pyproject.toml changed (the stamp is named after its hash).
 $(STAMP): pyproject.toml
@@ -111,6 +111,18 @@ study: $(STAMP)
 	done
 	$(run-queue)
 	aligntok study-report --experiment aligntok-study --command-line "make study STUDY_SEEDS='$(STUDY_SEEDS)'"
+
+# The text-to-image study (reports/study-t2i.md): (a) AlignTok and (d) the from-scratch VAE on the t2i-smoke profile
+# (switches params.yaml to it) x STUDY_SEEDS, queued DVC experiments with the caption-judge probe, then the report.
+STUDY_T2I_SET ?= -S dit.probe_every=250 -S tracking.experiment=aligntok-study-t2i
+study-t2i: $(STAMP)
+	aligntok profile t2i-smoke
+	for seed in $(STUDY_SEEDS); do \
+	  dvc exp run --queue $(STUDY_T2I_SET) -S seed=$$seed && \
+	  dvc exp run --queue $(STUDY_T2I_SET) -S seed=$$seed -S tokenizer.kind=vae || exit 1; \
+	done
+	$(run-queue)
+	aligntok study-report --task text --experiment aligntok-study-t2i --command-line "make study-t2i STUDY_SEEDS='$(STUDY_SEEDS)'"
 
 bench: $(STAMP)
 	aligntok bench prepare && aligntok bench tokenizer && aligntok bench dit && aligntok bench eval

@@ -92,9 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--experiment", default=None)
     st.add_argument("--out", default="reports")
     st.add_argument("--command-line", default="make study", help="the command recorded in the report")
+    st.add_argument("--task", choices=["class", "text"], default="class",
+                    help="text: the text-to-image study (make study-t2i) into reports/study-t2i.md")
     sm = sub.add_parser("summary", help="the last run's metrics with their protocol labels, image paths, MLflow UI")
     _common(sm)
-    pr = sub.add_parser("profile", help="switch params.yaml to a profile in profiles/ (smoke, ci, imagenet256)")
+    pr = sub.add_parser("profile", help="switch params.yaml to a profile in profiles/ (smoke, ci, imagenet256, "
+                        "t2i-smoke, t2i-laion256)")
     pr.add_argument("name")
     pr.add_argument("--params", default="params.yaml")
     t = sub.add_parser("tracking", help="`tracking sync`: send metric points kept locally during an MLflow outage")

@@ -1,4 +1,6 @@
-"""`aligntok study-report`: the small-scale study (`make study`) from MLflow, as reports/study.md + PNG plots.
+"""`aligntok study-report`: the small-scale study (`make study`) from MLflow, as reports/study.md + PNG plots;
+`--task text`: the text-to-image study (`make study-t2i`: variants a and d on t2i-smoke) as reports/study-t2i.md,
+scored by the caption judge (caption_acc: every attribute of the prompt read back from the sample).
 
 Variants, told apart by each run's logged params (so any run of the DAG can be placed):
   a  AlignTok, three stages          (default recipe)
@@ -27,6 +29,22 @@ SCALARS = [("psnr", "rPSNR (dB)"), ("semantic_cosine", "semantic cosine"), ("lin
            ("fd_judge", "judge FD"), ("class_acc_judge", "judge class acc"),
            ("fd_judge_cfg", "judge FD, CFG"), ("class_acc_judge_cfg", "judge class acc, CFG")]
 CURVES = [("probe_fd", "judge FD of samples (lower is better)"), ("probe_class_acc", "judge class accuracy of samples")]
+TEXT_SCALARS = [("psnr", "rPSNR (dB)"), ("linear_probe_acc", "linear probe acc (shape)"),
+                ("caption_acc_judge", "caption acc"), ("caption_acc_judge_cfg", "caption acc, CFG"),
+                ("attr_acc_position_judge_cfg", "position acc, CFG"), ("attr_acc_colour_judge_cfg", "colour acc, CFG"),
+                ("gfid_cfg", "FD vs prompt images, CFG")]
+TEXT_CURVES = [("probe_caption_acc", "caption judge: whole-caption accuracy of samples"),
+               ("probe_attr_acc_position", "caption judge: position accuracy of samples")]
+# task -> (report file, title, scalars, curves, what the judge is)
+STUDIES = {
+    "class": ("study.md", "Small-scale study: is an aligned semantic encoder's latent space easier for a DiT?",
+              SCALARS, CURVES, "Judge metrics use the independent judge classifier (aligntok/eval/judge.py), not the "
+              "tokenizer's encoder."),
+    "text": ("study-t2i.md", "Small-scale text-to-image study: AlignTok against a from-scratch VAE",
+             TEXT_SCALARS, TEXT_CURVES, "Caption metrics use the caption judge (aligntok/eval/caption_judge.py), "
+             "trained on held-out scenes: caption acc = every attribute of the prompt right (chance 1/384 = 0.0026), "
+             "position acc = the named half right (chance 0.25). The CFG rows use eval.cfg_scale."),
+}
 
 
 def variant_of(p: dict[str, str]) -> str:
@@ -48,7 +66,7 @@ def stepped(points) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in points if m.step > 0 or (later and m.timestamp < min(later)))
 
 
-def collect(runs, history, protocol=lambda run_id: {}) -> dict[tuple[str, str], dict]:
+def collect(runs, history, protocol=lambda run_id: {}, curves=CURVES) -> dict[tuple[str, str], dict]:
     """{(variant, seed): {"metrics": {...}, "curves": {name: [(step, value)]}, "protocol": {...}, "start": ms,
     "end": ms}}. `history(run_id, key)` returns [(step, value)] (MLflow's metric history), `protocol(run_id)` the
     evaluate run's protocol.json ({} when it has none)."""
@@ -66,7 +84,7 @@ def collect(runs, history, protocol=lambda run_id: {}) -> dict[tuple[str, str], 
             continue
         ev, dit = stages["evaluate"], stages["train-dit"]
         key = (variant_of(ev.data.params), ev.data.params.get("seed", "?"))
-        entry = {"metrics": dict(ev.data.metrics), "curves": {name: history(dit.info.run_id, name) for name, _ in CURVES},
+        entry = {"metrics": dict(ev.data.metrics), "curves": {name: history(dit.info.run_id, name) for name, _ in curves},
                  "protocol": protocol(ev.info.run_id), "start": first[pid],
                  "end": ev.info.end_time or ev.info.start_time, "pipeline": pid,
                  "commit": ev.data.tags.get("mlflow.source.git.commit", "unknown")}
@@ -82,19 +100,19 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3g} ± {sd:.2g}"
 
 
-def summarise(found: dict) -> tuple[list[str], dict]:
+def summarise(found: dict, scalars=SCALARS, curve_keys=CURVES) -> tuple[list[str], dict]:
     """Markdown table lines (mean ± sd over seeds, n seeds) and per-variant mean curves {variant: {name: [(s, m, sd)]}}."""
-    rows = ["| variant | seeds | " + " | ".join(label for _, label in SCALARS) + " |",
-            "| --- | ---: |" + " ---: |" * len(SCALARS)]
+    rows = ["| variant | seeds | " + " | ".join(label for _, label in scalars) + " |",
+            "| --- | ---: |" + " ---: |" * len(scalars)]
     curves: dict = {}
     for v, name in VARIANTS.items():
         entries = [e for (var, _), e in sorted(found.items()) if var == v]
         if not entries:
             continue
-        cells = [_mean_sd([e["metrics"][k] for e in entries if k in e["metrics"]]) for k, _ in SCALARS]
+        cells = [_mean_sd([e["metrics"][k] for e in entries if k in e["metrics"]]) for k, _ in scalars]
         rows.append(f"| ({v}) {name} | {len(entries)} | " + " | ".join(cells) + " |")
         curves[v] = {}
-        for key, _ in CURVES:
+        for key, _ in curve_keys:
             steps = sorted({s for e in entries for s, _ in e["curves"][key]})
             points = []
             for s in steps:
@@ -104,12 +122,12 @@ def summarise(found: dict) -> tuple[list[str], dict]:
     return rows, curves
 
 
-def plot(curves: dict, out_dir: Path) -> list[Path]:
+def plot(curves: dict, out_dir: Path, curve_keys=CURVES) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")  # a file, no display
     import matplotlib.pyplot as plt
     paths = []
-    for key, label in CURVES:
+    for key, label in curve_keys:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for v, per in curves.items():
             pts = per.get(key) or []
@@ -137,22 +155,22 @@ def provenance(found: dict) -> list[str]:
     return lines
 
 
-def report(found: dict, out_dir: Path, command: str, commit: str | None) -> Path:
+def report(found: dict, out_dir: Path, command: str, commit: str | None, task: str = "class") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, curves = summarise(found)
-    plots = plot(curves, out_dir)
+    name, title, scalars, curve_keys, judge_note = STUDIES[task]
+    rows, curves = summarise(found, scalars, curve_keys)
+    plots = plot(curves, out_dir, curve_keys)
     starts, ends = [e["start"] for e in found.values()], [e["end"] for e in found.values()]
     wall = (max(ends) - min(starts)) / 60000 if found else 0.0
-    lines = ["# Small-scale study: is an aligned semantic encoder's latent space easier for a DiT?", "",
+    lines = [f"# {title}", "",
              f"Made by `{command}`: {len(found)} pipelines at commit "
              f"{', '.join(f'`{c}`' for c in sorted({e['commit'] for e in found.values()}))} (read from their MLflow "
              f"runs), first stage start to last evaluate end: {wall:.1f} min. Report written on "
              f"{time.strftime('%Y-%m-%d')} at commit `{commit or 'unknown'}`.", "", *provenance(found), "",
-             "Every number is a mean ± standard deviation over seeds, read from MLflow. Judge metrics use the "
-             "independent judge classifier (aligntok/eval/judge.py), not the tokenizer's encoder.", "",
+             f"Every number is a mean ± standard deviation over seeds, read from MLflow. {judge_note}", "",
              *rows, "", "## Convergence (diffusability probe during DiT training, no CFG)", "",
              *[f"![{p.stem}]({p.name})" for p in plots], ""]
-    path = out_dir / "study.md"
+    path = out_dir / name
     path.write_text("\n".join(lines))
     return path
 
@@ -175,11 +193,12 @@ def run(params: Params, args) -> int:
             except Exception:  # noqa: BLE001 - a run logged before protocols were (or whose upload failed)
                 return {}
 
-    found = collect(search_runs(params, args.experiment), history, protocol)
+    task = getattr(args, "task", None) or "class"
+    found = collect(search_runs(params, args.experiment), history, protocol, STUDIES[task][3])
     if not found:
         print(f"study-report: no finished evaluate + train-dit pipelines in experiment "
               f"{args.experiment or params.tracking.experiment!r}")
         return 1
-    path = report(found, Path(args.out), args.command_line, source_commit())
+    path = report(found, Path(args.out), args.command_line, source_commit(), task)
     print(f"study-report: {len(found)} pipelines -> {path}")
     return 0
