@@ -1,0 +1,1 @@
+"""`aligntok bench ...`: throughput, memory and GPU measurements (the CLI wires them in stages/bench.py)."""
