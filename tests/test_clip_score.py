@@ -3,7 +3,8 @@
 
 Tolerances: scores are in points (0 to 100) and come from float32 features; two float32 paths over the same
 pixels agree to ~1e-5 points here, so 1e-4 is used. Pixels against a PIL hand preprocessing: the processor's
-torchvision bicubic is not PIL's bit for bit (0.015 at most here), so those agree within 0.02 of a normalised unit (~1.4 grey levels).
+torchvision bicubic is not PIL's bit for bit (0.015 at most here), so those agree within 0.02 of a normalised unit
+(~1.4 grey levels).
 """
 from __future__ import annotations
 

@@ -70,6 +70,25 @@ def test_default_then_custom_run_complete_every_stage(served):
     assert "| gfid_cfg |" in table["data"]
 
 
+# The ci profile as a text-to-image run, chosen in the form: captioned scenes, the offline text encoder, the text DiT
+TEXT_FORM = {"profile": "ci", "task": "text",
+             "overrides": ["data.source=scenes", "data.name=scenes", "data.num_classes=4", "latents.hflip=false",
+                           "dit.qk_norm=true"]}
+
+
+def test_a_text_to_image_run_from_the_form_completes_every_stage(served):
+    run = _run_and_wait(served, {"params": TEXT_FORM})
+    assert run["state"]["type"] == "COMPLETED", served["log"].read_text()[-4000:]
+    assert _task_states(served, run["id"]) == {s: "COMPLETED" for s in STAGES}
+    metrics = _result(served, run["id"])["metrics"]
+    protocol = metrics["protocol"]
+    assert protocol["task"] == "text" and protocol["text_encoder"].startswith("all-MiniLM-L6-v2")
+    assert protocol["prompts"].startswith("the val split's captions") and protocol["clip_score"].startswith("not measured")
+    for key in ("caption_acc_judge", "caption_acc_judge_cfg", "attr_acc_position_judge_cfg", "gfid_cfg"):
+        assert 0 <= metrics[key] < float("inf"), key
+    assert metrics["caption_acc_chance"] == pytest.approx(1 / 384, rel=1e-9)
+
+
 def test_work_pool_deployment_runs_on_a_process_worker(served):
     """`python -m pipelines.deploy` puts the flow on a work pool; a `prefect worker` (on a GPU node, in real use)
     picks up a run created through the API and executes every stage; the serving process is not involved."""
