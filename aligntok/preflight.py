@@ -61,6 +61,16 @@ def _external(p: Params) -> str:
     return f"{t.external}{sub}: {resolve_external_vae(t.external, t.external_subfolder)}"
 
 
+def _text_encoder(p: Params) -> str:
+    from aligntok.models.text_encoder import resolve_text_encoder
+    return f"{p.text.encoder}: {resolve_text_encoder(p.text.encoder)}"
+
+
+def _clip(p: Params) -> str:
+    from aligntok.eval.clip_score import resolve_clip
+    return f"{p.text.clip_model}: {resolve_clip(p.text.clip_model)}"
+
+
 def _lpips(p: Params) -> str:
     from aligntok.losses import resolve_lpips_weights
     files = resolve_lpips_weights(p.lpips.net, p.lpips.pretrained_backbone)
@@ -86,6 +96,10 @@ def weight_needs(stage: str, params: Params) -> dict[str, Callable[[], str]]:
     if stage in TOKENIZER_STAGES or stage == "evaluate":  # training loss and/or reconstruction metrics, rFID
         needs["lpips.pretrained_backbone"] = lambda: _lpips(params)
         needs["eval.fid_backbone"] = lambda: _features(params)
+    if params.task == "text" and stage in ("cache-text", "evaluate", "sample"):  # captions and prompts are encoded
+        needs["text.encoder"] = lambda: _text_encoder(params)
+    if params.task == "text" and stage == "evaluate" and params.text.clip_model:
+        needs["text.clip_model"] = lambda: _clip(params)
     return needs
 
 
@@ -122,13 +136,18 @@ def _path_check(key: str, value: str | None, base: Path, kind: str) -> Check:
 def data_checks(params: Params, base: Path) -> list[Check]:
     d, ref = params.data, params.eval.reference
     checks = []
-    if d.source == "synthetic":
-        checks.append(Check("data.root", True, "synthetic source: prepare draws the images"))
+    if d.source in ("synthetic", "scenes"):
+        checks.append(Check("data.root", True, f"{d.source} source: prepare draws the images"))
     else:
         checks.append(_path_check("data.root", d.root, base, f"{d.source} source"))
         if d.val_root is not None:
             checks.append(_path_check("data.val_root", d.val_root, base, f"{d.source} val images"))
-    if ref in (None, OWN_REFERENCE):
+    if params.task == "text":
+        for key, value, kind in (("text.prompts", params.text.prompts, "a prompt file, one caption per line"),
+                                 ("text.prompt_images", params.text.prompt_images, "the prompts' reference images")):
+            checks.append(_path_check(key, value, base, kind) if value else
+                          Check(key, True, "null: the val split's " + ("captions" if key == "text.prompts" else "images")))
+    elif ref in (None, OWN_REFERENCE):
         checks.append(Check("eval.reference", True, "own: statistics of the prepared train split"))
     else:
         checks.append(_path_check("eval.reference", ref, base, "an ADM reference batch .npz"))

@@ -210,3 +210,33 @@ def test_preflight_cli_passes_on_the_ci_profile(tmp_path):
                                                    "project", "mlflow", "dvc", "rendezvous"}
     assert all("  ok  " in r for r in rows[1:-1]), proc.stdout
     assert rows[-1] == f"preflight: {len(rows) - 2} of {len(rows) - 2} checks pass"
+
+
+T2I = ROOT / "profiles" / "t2i-smoke.yaml"
+
+
+def test_text_profile_checks_the_text_encoder_clip_and_prompt_files(tmp_path):
+    params = load_params(T2I)
+    assert set(weight_needs("cache-text", params)) == {"text.encoder"}
+    assert "text.encoder" in weight_needs("evaluate", params) and "text.encoder" not in weight_needs("train-dit", params)
+    assert "text.encoder" not in weight_needs("cache-text", load_params(CI))  # the class task encodes no captions
+    require_stage("cache-text", params)  # the packaged offline encoder resolves
+    checks = {c.name: c for c in profile_checks(params, T2I, ["cache-text", "evaluate"], mounts_text=MOUNTS)}
+    assert checks["weights text.encoder"].ok and checks["text.prompts"].ok and checks["text.prompt_images"].ok
+    missing = params.model_copy(update={"text": params.text.model_copy(update={
+        "encoder": str(tmp_path / "no-encoder"), "clip_model": str(tmp_path / "no-clip"),
+        "prompts": str(tmp_path / "prompts.txt")})})
+    with pytest.raises(PreflightError, match=r"^text\.encoder: .*no-encoder.*\(and 1 more"):
+        require_stage("evaluate", missing)
+    checks = {c.name: c for c in profile_checks(missing, T2I, ["evaluate"], mounts_text=MOUNTS)}
+    for name in ("weights text.encoder", "weights text.clip_model", "text.prompts"):
+        assert not checks[name].ok and "\n" not in checks[name].detail, name
+
+
+def test_cache_text_with_a_missing_encoder_stops_in_one_line_before_any_work(tmp_path):
+    (tmp_path / "params.yaml").write_text(T2I.read_text())
+    proc = subprocess.run([sys.executable, "-m", "aligntok.cli", "cache-text", "-S", f"text.encoder={tmp_path / 'x'}"],
+                          cwd=tmp_path, env=_offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+    said = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(said) == 1 and "text.encoder" in said[0], proc.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "data").exists()
