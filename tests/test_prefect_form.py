@@ -16,12 +16,13 @@ def _form() -> dict:
 
 def test_optional_fields_show_their_own_type_not_a_union_with_none():
     form = _form()
-    for name in ("semantic_weight", "encoder_arch", "tokenizer_kind", "dit_model", "dit_steps", "cfg_scale",
+    for name in ("task", "semantic_weight", "encoder_arch", "tokenizer_kind", "dit_model", "dit_steps", "cfg_scale",
                  "stage_timeout_s"):
         field = form[name]
         assert "anyOf" not in field and field["type"] in ("number", "integer", "string"), (name, field)
         assert "default" not in field, (name, field)  # an empty box, not a pre-filled null
-    assert form["tokenizer_kind"]["enum"] == ["aligntok", "vae"]
+    assert form["tokenizer_kind"]["enum"] == ["aligntok", "vae", "external"]
+    assert form["task"]["enum"] == ["class", "text"] and "t2i-smoke: text" in form["task"]["description"]
     assert form["dit_steps"]["exclusiveMinimum"] == 0 and form["cfg_scale"]["minimum"] == 1
 
 
