@@ -106,3 +106,19 @@ def test_the_text_training_step_is_flow_matching_on_the_caption():
     torch.manual_seed(5)
     other, _ = flow.loss(lambda x, t, _: dit(x, t, hidden.flip(0), mask.flip(0)), normalize(z, STATS), None, step=0)
     assert abs(float(other.detach()) - float(want.detach())) > 1e-4  # the captions reach the DiT
+
+
+def test_summary_prints_caption_scores_beside_chance_and_clip_scores_status():
+    from aligntok.stages.summary import table
+    protocol = {"task": "text", "fid_backbone": "efficientnet-lite0", "feature_dim": 112, "num_samples": 200,
+                "prompts": "the val split's captions (first 200)", "sampler": "euler", "steps": 30,
+                "reference": "scenes-val (204 images)", "cfg_scale": 4.0, "clip_score": "not measured: text.clip_model is null"}
+    metrics = {"caption_acc_judge_cfg": 0.125, "caption_acc_chance": 1 / 384, "attr_acc_position_judge": 0.5,
+               "attr_acc_position_chance": 0.25, "gfid": 12.0}
+    rows = table(metrics, protocol)
+    assert "| caption_acc_judge_cfg | 0.125 | caption judge: every attribute of the prompt read back, CFG 4; " \
+           "chance 0.002604 |" in rows
+    assert "| attr_acc_position_judge | 0.5 | caption judge: the position named in the prompt; chance 0.25 |" in rows
+    assert "| clip_score | n/a | not measured: text.clip_model is null |" in rows
+    assert any(r.startswith("| gfid | 12 | FD in efficientnet-lite0-112, 200 samples for the val split's captions")
+               for r in rows), rows
