@@ -93,6 +93,21 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def write_dir_atomic(directory: str | Path, fill) -> None:
+    """Let `fill(tmp)` write a folder's files into a temporary sibling, then swap it in whole (`replace_dir`): a
+    kill midway leaves the previous folder, never a half-written one."""
+    import tempfile
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        fill(tmp)
+        replace_dir(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_json(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.exists():

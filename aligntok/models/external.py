@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -185,18 +183,12 @@ class ExternalTokenizer(nn.Module):
 
     def save_pretrained(self, directory: Path | str) -> None:
         """config.json + vae/ (diffusers' save_pretrained, safetensors) into a temporary sibling, then swapped in."""
-        from aligntok.io import replace_dir
+        from aligntok.io import write_dir_atomic
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        def fill(tmp: Path) -> None:
             self.vae.save_pretrained(str(tmp / VAE_DIR), safe_serialization=True)
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-            replace_dir(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        write_dir_atomic(directory, fill)
 
     @classmethod
     def from_pretrained(cls, directory: Path | str, map_location="cpu") -> "ExternalTokenizer":

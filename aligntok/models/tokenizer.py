@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -122,19 +120,13 @@ class AlignTokenizer(nn.Module):
         """Write config.json + model.safetensors into a temporary sibling directory, then swap it in."""
         from safetensors.torch import save_file
 
-        from aligntok.io import replace_dir
+        from aligntok.io import write_dir_atomic
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        def fill(tmp: Path) -> None:
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
             (tmp / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-            replace_dir(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        write_dir_atomic(directory, fill)
 
     @classmethod
     def from_pretrained(cls, directory: Path | str, map_location="cpu") -> "AlignTokenizer":
