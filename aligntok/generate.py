@@ -113,16 +113,17 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     return ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
-def labelled_grid(images: np.ndarray, labels: list[int], class_names: list[str] | None, cols: int):
-    """A PNG-ready grid with each image's class name, or its prompt (text task), written above it. Prompts are
-    wrapped over up to four lines, and small images are enlarged (nearest) to a tile wide enough to read them."""
+def labelled_grid(images: np.ndarray, labels: list[int], class_names: list[str] | None, cols: int,
+                  wrap: bool = False):
+    """A PNG-ready grid with each image's class name written above it (cut to the image's width). `wrap` (prompts of
+    the text task): each name wrapped over up to four lines, small images enlarged (nearest) to a readable tile."""
     import textwrap
 
     from PIL import Image, ImageDraw
 
     n, h, w, _ = images.shape
     names = [class_names[y] if class_names else str(y) for y in labels[:n]]
-    long = any(len(name) > max(1, w // 6) for name in names)
+    long = wrap and any(len(name) > max(1, w // 6) for name in names)
     scale = max(1, -(-160 // w)) if long else 1
     tw, th = w * scale, h * scale
     per_line = max(1, tw // 6)

@@ -66,3 +66,15 @@ def test_labelled_grid_places_each_image_under_its_name():
     assert (grid[8 + pad + pad:, 2 * 6:] == 255).all()  # the sixth cell stays white
     strip = grid[:pad, :6]
     assert (strip != 255).any()  # the class name is written above the image
+
+
+def test_prompt_grid_wraps_each_prompt_over_an_enlarged_tile():
+    images = np.stack([np.full((8, 8, 3), 40 * (i + 1), np.uint8) for i in range(3)])
+    prompts = ["two red stars at the left on a black background", "one blue circle at the top", "x"]
+    grid = np.asarray(labelled_grid(images, [0, 1, 2], prompts, cols=3, wrap=True))
+    tile = 8 * 20  # 8 px images enlarged 20x: a 160 px tile, 26 characters a line
+    pad = 2 + 11 * 2  # the longest prompt takes two lines
+    assert grid.shape == (tile + pad, 3 * tile, 3)
+    for i in range(3):
+        assert (grid[pad:, i * tile:(i + 1) * tile] == 40 * (i + 1)).all(), i
+    assert (grid[12:pad, :tile] != 255).any() and (grid[12:pad, 2 * tile:] == 255).all()  # line 2 only where wrapped

@@ -117,7 +117,7 @@ def sample_and_score(params: Params, dist, coord, extractor, ref: dict | None, j
         npz = EVAL_DIR / f"samples{v.suffix}.npz"
         scores = judged(judge, npz) if prompts is None else text_scores(params, judge, npz, prompts, dist.device)
         metrics.update({f"{k}{v.suffix}": x for k, x in scores.items()})
-        grid = labelled_grid(out["grid"], out["grid_labels"].tolist(), names, cols=10)
+        grid = labelled_grid(out["grid"], out["grid_labels"].tolist(), names, cols=10, wrap=prompts is not None)
         grid.save(EVAL_DIR / f"samples{v.suffix}.png")
         tracker.log_artifact(EVAL_DIR / f"samples{v.suffix}.png", "samples")
     removed = store.prune_other_keys()

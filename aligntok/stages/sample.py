@@ -59,7 +59,7 @@ def run(params: Params, args) -> int:
         images = to_uint8_nhwc(gen.images(labels, list(range(len(labels))), params.sample, args.cfg_scale))
         order = np.arange(len(labels)).reshape(-1, per).T.reshape(-1)  # one class per column
         names = names or read_manifest(data_dir(params)).get("class_names")
-        grid = labelled_grid(images[order], labels[order].tolist(), names, cols=min(c, 10))
+        grid = labelled_grid(images[order], labels[order].tolist(), names, cols=min(c, 10), wrap=gen.is_text)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         grid.save(args.out)
         print(f"wrote {args.out}")
