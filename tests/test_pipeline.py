@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import ROOT
 
 STAGES = ["prepare", "judge", "tokenizer-stage1", "tokenizer-stage2", "tokenizer-stage3", "cache-latents",
-          "train-dit", "evaluate"]
+          "cache-text", "train-dit", "evaluate"]
 
 
 def tracked_files() -> list[str]:
@@ -219,7 +219,7 @@ def test_summary_and_study_report_of_the_run(first_repro, env, tmp_path):
 
 @pytest.mark.slow
 def test_mlflow_has_one_parent_with_a_child_per_stage(first_repro, env):
-    """One parent run per pipeline and one child per DAG stage (eight: STAGES), the parent holding the pipeline's
+    """One parent run per pipeline and one child per DAG stage (nine: STAGES), the parent holding the pipeline's
     final evaluate numbers."""
     # this pipeline's runs, found by its ids: other tests in this module add pipelines of their own
     parent_id = first_repro["parent_run_id"]
@@ -230,7 +230,7 @@ def test_mlflow_has_one_parent_with_a_child_per_stage(first_repro, env):
     # every run of this pipeline id is the one parent or one of its stage children: no stage made its own parent
     children = [r for r in mine if r.info.run_id != parent_id]
     assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in children)
-    assert len(children) == len(STAGES) == 8
+    assert len(children) == len(STAGES) == 9
     assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
     assert {r.info.status for r in children} == {"FINISHED"}
     for key in ("gfid", "rfid", "psnr"):  # this pipeline's evaluate.json, not only some number under that name

@@ -82,10 +82,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def run(params: Params, args) -> int:
     if params.task == "class":
         if os.environ.get("RANK", "0") == "0":  # under torchrun: one writer
-            _publish({}, {"task": "class", "reason": "task is class: the DiT is conditioned on class labels, not "
-                                                     "captions; nothing to encode"})
-            write_metrics("cache-text", {"captions": 0, "encoded_this_run": 0, "captions_per_s": 0.0,
-                                         "task": "class"})
+            from aligntok.tracking import stage_run
+            with stage_run(params, "cache-text") as tracker:  # a child run like every stage: ablations compare alike
+                _publish({}, {"task": "class", "reason": "task is class: the DiT is conditioned on class labels, "
+                                                         "not captions; nothing to encode"})
+                write_metrics("cache-text", {"captions": 0, "encoded_this_run": 0, "captions_per_s": 0.0,
+                                             "task": "class"}, tracker)
             print(f"cache-text: task class, no captions to encode ({TEXT_DIR / 'manifest.json'} says so)")
         return 0
 
