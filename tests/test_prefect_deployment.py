@@ -19,12 +19,12 @@ def test_parameter_form_has_types_descriptions_and_choices(served):
     schema = served["deployment"]["parameter_openapi_schema"]
     defs = schema.get("definitions") or schema.get("$defs")
     form = defs["PipelineParams"]["properties"]
-    assert {"profile", "semantic_weight", "dit_steps", "cfg_scale", "tokenizer_kind", "overrides"} <= set(form)
+    assert {"profile", "task", "semantic_weight", "dit_steps", "cfg_scale", "tokenizer_kind", "overrides"} <= set(form)
     for name, field in form.items():
         assert field.get("description"), f"{name} has no description in the run form"
     assert form["profile"]["enum"] == sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")) or \
         sorted(form["profile"]["enum"]) == sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml"))
-    assert form["tokenizer_kind"]["enum"] == ["aligntok", "vae"]
+    assert form["tokenizer_kind"]["enum"] == ["aligntok", "vae", "external"] and form["task"]["enum"] == ["class", "text"]
     assert not any("anyOf" in field for field in form.values())  # no "Property is type None" alternative
     assert served["deployment"]["parameters"]["params"] == {"profile": "ci", "overrides": []}  # `--profile ci`
 
