@@ -81,9 +81,8 @@ def test_a_text_to_image_run_from_the_form_completes_every_stage(served):
     assert run["state"]["type"] == "COMPLETED", served["log"].read_text()[-4000:]
     assert _task_states(served, run["id"]) == {s: "COMPLETED" for s in STAGES}
     metrics = _result(served, run["id"])["metrics"]
-    protocol = metrics["protocol"]
-    assert protocol["task"] == "text" and protocol["text_encoder"].startswith("all-MiniLM-L6-v2")
-    assert protocol["prompts"].startswith("the val split's captions") and protocol["clip_score"].startswith("not measured")
+    protocol = metrics["protocol"]  # the numbers of the protocol block (its strings are in outputs/protocol/)
+    assert 0 < protocol["num_prompts"] <= protocol["num_samples"] and "clip_score" not in metrics
     for key in ("caption_acc_judge", "caption_acc_judge_cfg", "attr_acc_position_judge_cfg", "gfid_cfg"):
         assert 0 <= metrics[key] < float("inf"), key
     assert metrics["caption_acc_chance"] == pytest.approx(1 / 384, rel=1e-9)
